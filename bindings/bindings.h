@@ -9,4 +9,5 @@ void bind_sequence_trie(pybind11::module_& m);
 void bind_merge_table(pybind11::module_& m);
 void bind_alignment_map(pybind11::module_& m);
 void bind_projection_kernels(pybind11::module_& m);
+void bind_token_alignment(pybind11::module_& m);
 }  // namespace ctalign::bindings

@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m) {
   bind_merge_table(m);
   bind_alignment_map(m);
   bind_projection_kernels(m);
+  bind_token_alignment(m);
 }
