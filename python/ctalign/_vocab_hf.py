@@ -1,0 +1,497 @@
+"""HF ``tokenizer.json`` and GPT-2 ``encoder.json`` + ``vocab.bpe`` loaders (see ctalign.vocab).
+
+The file is parsed once for the id -> bytes table, the specials and the merges; the ``tokenizers``
+objects that encode are built lazily from the same text. ``encode_raw`` uses a copy whose
+normalizer and pre-tokenizer have the prefix space removed (ByteLevel ``add_prefix_space=false``,
+Metaspace ``prepend_scheme="never"``, no ``Prepend`` normalizer) and no post-processor, with
+special-token text encoded as text. Byte strings that are not valid UTF-8 go straight through the
+BPE model over their GPT-2 alphabet characters (byte-level BPE), or split into valid runs and
+single bytes (``<0xNN>`` byte fallback, else unk) for the other families.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctalign.errors import VocabError
+from ctalign.vocab import (Backend, Vocab, assign_roles, gpt2_alphabet, gpt2_token_bytes,
+                           split_utf8)
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SPACE_MARK = "\u2581"  # ▁
+
+
+def _read_json(path: Path) -> tuple[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise VocabError(f"{path}: not a UTF-8 text file (expected JSON)") from None
+    except OSError as e:
+        raise VocabError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return text, json.loads(text)
+    except json.JSONDecodeError as e:
+        raise VocabError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def load_json_file(path: Path, *, name: str) -> Vocab:
+    """A ``.json`` file: HF tokenizer.json, Mistral Tekken, or a GPT-2 encoder.json."""
+    text, data = _read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        return load_hf_tokenizer(path, text, data, name=name)
+    if isinstance(data, dict) and "config" in data and isinstance(data.get("vocab"), list):
+        from ctalign._vocab_tiktoken import load_tekken
+        return load_tekken(path, data, name=name)
+    if isinstance(data, dict) and data and all(isinstance(v, int) for v in data.values()):
+        for merges in ("vocab.bpe", "merges.txt"):
+            if (path.parent / merges).is_file():
+                return load_gpt2_pair(path, path.parent / merges, name=name, encoder=data)
+        raise VocabError(f"{path}: a GPT-2 style encoder needs its merges (vocab.bpe or merges.txt) beside it")
+    raise VocabError(f"{path}: JSON file is not a tokenizer (no HF 'model' section, no Tekken "
+                     f"'config' + 'vocab', not a token -> id encoder)")
+
+
+# ---- component analysis -------------------------------------------------------------------------
+def _flatten(node: Any, seq_key: str) -> list[dict]:
+    if not isinstance(node, dict):
+        return []
+    if node.get("type") == "Sequence":
+        out: list[dict] = []
+        for child in node.get(seq_key) or []:
+            out.extend(_flatten(child, seq_key))
+        return out
+    return [node]
+
+
+def _is_space_to_mark(n: dict) -> bool:
+    pat = n.get("pattern") or {}
+    return n.get("type") == "Replace" and pat.get("String") == " " and n.get("content") == _SPACE_MARK
+
+
+def _normalizer_steps(normalizer: Any) -> tuple[list[str], list[str], bool, bool]:
+    """(all steps, lossy steps, prepends a space mark, maps spaces to ▁)."""
+    steps: list[str] = []
+    lossy: list[str] = []
+    prepend = marks = False
+    for n in _flatten(normalizer, "normalizers"):
+        t = n.get("type")
+        if t == "Prepend":
+            prepend = True
+        elif _is_space_to_mark(n):
+            marks = True
+        elif t in ("NFC", "NFD"):
+            steps.append(t.lower())
+        elif t in ("NFKC", "NFKD"):
+            steps.append(t.lower())
+            lossy.append(t.lower())
+        elif t == "Lowercase":
+            steps.append("lowercase")
+            lossy.append("lowercase")
+        elif t == "StripAccents":
+            steps.append("strip_accents")
+            lossy.append("strip_accents")
+        elif t == "BertNormalizer":
+            for flag, step in (("clean_text", "clean_text"), ("handle_chinese_chars", "cjk_spacing"),
+                               ("lowercase", "lowercase")):
+                if n.get(flag, True):
+                    steps.append(step)
+                    if step != "cjk_spacing":
+                        lossy.append(step)
+            strip = n.get("strip_accents")
+            if strip or (strip is None and n.get("lowercase", True)):
+                steps.append("strip_accents")
+                lossy.append("strip_accents")
+        elif t is not None:
+            name = t.lower()
+            steps.append(name)
+            lossy.append(name)
+    return steps, lossy, prepend, marks
+
+
+def _normalizer_without_markers(normalizer: Any) -> Any:
+    """The normalizer with Prepend and space -> ▁ replacement removed (None if nothing is left)."""
+    kept = [n for n in _flatten(normalizer, "normalizers")
+            if n.get("type") != "Prepend" and not _is_space_to_mark(n)]
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else {"type": "Sequence", "normalizers": kept}
+
+
+def _pretokenizer_without_prefix(pre: Any) -> Any:
+    pre = copy.deepcopy(pre)
+    for n in _flatten(pre, "pretokenizers"):
+        if n.get("type") == "ByteLevel":
+            n["add_prefix_space"] = False
+        elif n.get("type") == "Metaspace":
+            n["add_prefix_space"] = False
+            n["prepend_scheme"] = "never"
+    return pre
+
+
+def _component_tokenizer(normalizer: Any, pre_tokenizer: Any):
+    """A tiny tokenizer carrying the given normalizer and pre-tokenizer (to lend them out)."""
+    from tokenizers import Tokenizer
+    d = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+         "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": None,
+         "decoder": None, "model": {"type": "WordLevel", "vocab": {"<unk>": 0}, "unk_token": "<unk>"}}
+    return Tokenizer.from_str(json.dumps(d))
+
+
+# ---- the encoder ------------------------------------------------------------------------------------
+class HFBackend(Backend):
+    def __init__(self, path: Path, text: str, normalizer: Any, pre_tokenizer: Any, *, byte_level: bool,
+                 needs_raw_copy: bool, byte_ids: dict[int, int], unk_id: int | None):
+        self._path = path
+        self._text = text
+        self._normalizer = normalizer
+        self._pre_tokenizer = pre_tokenizer
+        self._byte_level = byte_level
+        self._needs_raw_copy = needs_raw_copy
+        self._byte_ids = byte_ids
+        self._unk_id = unk_id
+
+    def _load(self):
+        from tokenizers import Tokenizer
+        try:
+            tok = Tokenizer.from_str(self._text)
+        except Exception as e:  # the library's own parser: report which file
+            raise VocabError(f"{self._path}: the tokenizers library cannot load it ({e})") from None
+        tok.no_padding()
+        tok.no_truncation()
+        tok.encode_special_tokens = True
+        if self._normalizer is not None and not _flatten(self._normalizer, "normalizers"):
+            tok.normalizer = None  # an empty Sequence changes nothing but doubles encode time
+        return tok
+
+    @cached_property
+    def tokenizer(self):
+        return self._load()
+
+    @cached_property
+    def raw_tokenizer(self):
+        if not self._needs_raw_copy:
+            return self.tokenizer
+        tok = self._load()
+        comp = _component_tokenizer(_normalizer_without_prefix(self._normalizer),
+                                    _pretokenizer_without_prefix(self._pre_tokenizer))
+        tok.normalizer = comp.normalizer
+        tok.pre_tokenizer = comp.pre_tokenizer
+        tok.post_processor = None
+        return tok
+
+    @cached_property
+    def _plain_normalizer(self):
+        n = _normalizer_without_markers(self._normalizer)
+        return None if n is None else _component_tokenizer(n, None).normalizer
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_raw_texts(self, texts: list[str]) -> list[list[int]]:
+        tok = self.raw_tokenizer
+        batch = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the same ids, no offsets
+        return [e.ids for e in batch(texts, add_special_tokens=False)]
+
+    def encode_raw_invalid(self, pieces: list[bytes]) -> list[list[int]]:
+        if self._byte_level:
+            model = self.raw_tokenizer.model
+            return [[t.id for t in model.tokenize(gpt2_alphabet(p))] for p in pieces]
+        return [self._fallback(p) for p in pieces]
+
+    def _fallback(self, piece: bytes) -> list[int]:
+        ids: list[int] = []
+        for valid, chunk in split_utf8(piece):
+            if valid:
+                ids.extend(self.encode_raw_texts([chunk])[0])
+                continue
+            for b in chunk:
+                if b in self._byte_ids:
+                    ids.append(self._byte_ids[b])
+                elif self._unk_id is not None:
+                    ids.append(self._unk_id)
+                else:
+                    raise VocabError(f"{self._path}: byte 0x{b:02x} cannot be encoded (no byte fallback, no unk)")
+        return ids
+
+    def normalize(self, text: str) -> str:
+        n = self._plain_normalizer
+        return text if n is None else n.normalize_str(text)
+
+
+def _normalizer_without_prefix(normalizer: Any) -> Any:
+    kept = [n for n in _flatten(normalizer, "normalizers") if n.get("type") != "Prepend"]
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else {"type": "Sequence", "normalizers": kept}
+
+
+# ---- tokenizer.json -----------------------------------------------------------------------------
+def _config_roles(config_path: Path) -> dict[str, list[str]]:
+    """Role -> special token texts from tokenizer_config.json (bos/eos/pad/unk, cls/sep weaker)."""
+    if not config_path.is_file():
+        return {}
+    _, cfg = _read_json(config_path)
+    if not isinstance(cfg, dict):
+        raise VocabError(f"{config_path}: expected a JSON object")
+    out: dict[str, list[str]] = {}
+    for role, keys in (("bos", ("bos_token", "cls_token")), ("eos", ("eos_token", "sep_token")),
+                       ("pad", ("pad_token",)), ("unk", ("unk_token",))):
+        for key in keys:
+            v = cfg.get(key)
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str):
+                out.setdefault(role, []).append(v)
+    return out
+
+
+def _template_roles(post: Any, ids_of: dict[str, int]) -> dict[str, list[int]]:
+    """bos/eos from a post-processor template: specials before / after the sequence."""
+    out: dict[str, list[int]] = {}
+    for n in _flatten(post, "processors"):
+        t = n.get("type")
+        if t == "TemplateProcessing":
+            single = n.get("single") or []
+            seq_at = [k for k, item in enumerate(single) if "Sequence" in item]
+            if not seq_at:
+                continue
+            specials = n.get("special_tokens") or {}
+
+            def ids(item):
+                name = item["SpecialToken"]["id"]
+                return list((specials.get(name) or {}).get("ids") or [ids_of.get(name, -1)])
+            for k, item in enumerate(single):
+                if "SpecialToken" in item:
+                    role = "bos" if k < seq_at[0] else "eos"
+                    out.setdefault(role, []).extend(ids(item))
+        elif t in ("BertProcessing", "RobertaProcessing"):
+            if isinstance(n.get("cls"), list):
+                out.setdefault("bos", []).append(int(n["cls"][1]))
+            if isinstance(n.get("sep"), list):
+                out.setdefault("eos", []).append(int(n["sep"][1]))
+    return out
+
+
+def load_hf_tokenizer(path: Path, text: str, data: dict, *, name: str, source: Path | None = None,
+                      config_path: Path | None = None) -> Vocab:
+    try:
+        return _load_hf(path, text, data, name=name, source=source, config_path=config_path)
+    except VocabError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise VocabError(f"{path}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
+
+
+def _load_hf(path, text, data, *, name, source, config_path) -> Vocab:
+    model = data["model"]
+    mtype = model.get("type")
+    if mtype is None:  # old files: infer the model from its fields
+        mtype = ("BPE" if "merges" in model else "Unigram" if isinstance(model.get("vocab"), list)
+                 else "WordPiece" if "continuing_subword_prefix" in model else None)
+    pre = data.get("pre_tokenizer")
+    pres = _flatten(pre, "pretokenizers")
+    decs = _flatten(data.get("decoder"), "decoders")
+    norm_steps, lossy, prepend, marks = _normalizer_steps(data.get("normalizer"))
+    byte_level = any(n.get("type") == "ByteLevel" for n in pres + decs)
+    metaspace = marks or any(n.get("type") == "Metaspace" for n in pres + decs) or any(
+        n.get("type") == "Replace" and (n.get("pattern") or {}).get("String") == _SPACE_MARK for n in decs)
+    prefix_space = prepend
+    for n in pres:
+        if n.get("type") == "ByteLevel" and n.get("add_prefix_space"):
+            prefix_space = True
+        if n.get("type") == "Metaspace":
+            scheme = n.get("prepend_scheme")
+            if scheme in ("always", "first") or (scheme is None and n.get("add_prefix_space", True)):
+                prefix_space = True
+    if any(n.get("type") in ("Whitespace", "WhitespaceSplit", "BertPreTokenizer") for n in pres) \
+            or mtype == "WordPiece":
+        lossy.append("drop_whitespace")
+    if any(n.get("type") == "Split" and n.get("behavior") == "Removed" for n in pres):
+        lossy.append("split_removed")
+
+    # model vocabulary -> (token string, id)
+    if mtype in ("BPE", "WordPiece"):
+        vocab = model["vocab"]
+        if not isinstance(vocab, dict):
+            raise VocabError(f"{path}: model.vocab must map token -> id")
+        items = list(vocab.items())
+    elif mtype == "Unigram":
+        items = [(entry[0], i) for i, entry in enumerate(model["vocab"])]
+    else:
+        raise VocabError(f"{path}: unsupported tokenizer model type {mtype!r} "
+                         f"(supported: BPE, Unigram, WordPiece)")
+    added = data.get("added_tokens") or []
+    max_id = max([i for _, i in items] + [int(a["id"]) for a in added], default=-1)
+    if max_id < 0:
+        raise VocabError(f"{path}: the vocabulary is empty")
+    if any(not isinstance(i, int) or i < 0 for _, i in items):
+        raise VocabError(f"{path}: token ids must be non-negative integers")
+    n = max_id + 1
+    pieces: list[bytes | None] = [None] * n
+    word_start = None
+    byte_fallback = bool(model.get("byte_fallback"))
+    byte_ids: dict[int, int] = {}
+    if mtype == "WordPiece":
+        prefix = model.get("continuing_subword_prefix") or "##"
+        word_start = np.zeros(n, dtype=np.bool_)
+        for s, i in items:
+            if s.startswith(prefix) and len(s) > len(prefix):
+                pieces[i] = s[len(prefix):].encode("utf-8")
+            else:
+                pieces[i] = s.encode("utf-8")
+                word_start[i] = True
+        kind = "wordpiece"
+    elif byte_level:
+        for s, i in items:
+            pieces[i] = gpt2_token_bytes(s)
+        kind = "byte_bpe"
+    else:
+        for s, i in items:
+            m = _BYTE_PIECE.fullmatch(s) if byte_fallback else None
+            if m is not None:
+                b = int(m.group(1), 16)
+                pieces[i] = bytes([b])
+                byte_ids.setdefault(b, i)
+            else:
+                pieces[i] = (s.replace(_SPACE_MARK, " ") if metaspace else s).encode("utf-8")
+        kind = "unigram" if mtype == "Unigram" else "sentencepiece_bpe"
+    if mtype == "BPE":
+        suffix = model.get("end_of_word_suffix") or ""
+        cont = model.get("continuing_subword_prefix") or ""
+        if suffix or cont:
+            for s, i in items:
+                b = pieces[i]
+                if suffix and s.endswith(suffix) and len(s) > len(suffix):
+                    b = b[: len(b) - len(suffix.encode())]
+                if cont and s.startswith(cont) and len(s) > len(cont):
+                    b = b[len(cont.encode()):]
+                pieces[i] = b
+
+    special_text: dict[int, str] = {}
+    for a in added:
+        i = int(a["id"])
+        content = a["content"]
+        if a.get("special", False):
+            special_text[i] = content
+        else:
+            pieces[i] = content.encode("utf-8")
+            if word_start is not None:
+                word_start[i] = True
+    unk_id = None
+    if mtype == "Unigram":
+        if model.get("unk_id") is not None:
+            unk_id = int(model["unk_id"])
+    elif model.get("unk_token") is not None:
+        unk_id = vocab.get(model["unk_token"])
+    if unk_id is not None and unk_id not in special_text:
+        if mtype == "Unigram":
+            special_text[unk_id] = next((s for s, i in items if i == unk_id), "<unk>")
+        else:
+            special_text[unk_id] = model["unk_token"]
+    if word_start is not None:
+        for i in special_text:
+            word_start[i] = False
+
+    ids_of = {t: i for i, t in special_text.items()}
+    explicit: dict[str, list[int]] = {}
+    if unk_id is not None:
+        explicit["unk"] = [unk_id]
+    config = config_path if config_path is not None else path.parent / "tokenizer_config.json"
+    for role, texts in _config_roles(config).items():
+        explicit.setdefault(role, [])[:0] = [ids_of[t] for t in texts if t in ids_of]
+    for role, ids in _template_roles(data.get("post_processor"), ids_of).items():
+        explicit.setdefault(role, []).extend(ids)
+    roles = assign_roles(special_text, explicit)
+
+    merges_raw = model.get("merges") if mtype == "BPE" else None
+
+    def merges() -> list[tuple[int, int]]:
+        return _parse_merges(path, merges_raw or [], vocab)
+
+    backend = HFBackend(path, text, data.get("normalizer"), pre, byte_level=byte_level,
+                        needs_raw_copy=prefix_space, byte_ids=byte_ids, unk_id=unk_id)
+    normalizer = "+".join(norm_steps) if norm_steps else None
+    return Vocab(name=name, source=str(source or path), kind=kind, pieces=pieces,
+                 special_text=special_text, roles=roles, backend=backend, prefix_space=prefix_space,
+                 normalizer=normalizer, lossy_normalizer="+".join(lossy) if lossy else None,
+                 merges=merges if mtype == "BPE" else None, word_start=word_start, unk_id=unk_id,
+                 details={"format": "tokenizer.json", "model": mtype, "byte_fallback": byte_fallback,
+                          "ignore_merges": bool(model.get("ignore_merges", False))})
+
+
+def _parse_merges(path: Path, raw: list, vocab: dict[str, int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    get = vocab.get
+    for k, m in enumerate(raw):
+        if isinstance(m, str):
+            parts = m.split(" ")
+        else:
+            parts = m
+        if len(parts) != 2:
+            raise VocabError(f"{path}: merge {k} ({m!r}) is not a pair of tokens")
+        a, b = get(parts[0]), get(parts[1])
+        if a is None or b is None or get(parts[0] + parts[1]) is None:
+            raise VocabError(f"{path}: merge {k} ({m!r}) names a token that is not in the vocabulary")
+        out.append((a, b))
+    return out
+
+
+# ---- GPT-2 encoder.json + vocab.bpe -----------------------------------------------------------
+_SPECIAL_LIKE = re.compile(r"<\|[^|]+\|>")
+
+
+def load_gpt2_pair(encoder_path: Path, merges_path: Path, *, name: str,
+                   encoder: dict | None = None) -> Vocab:
+    """GPT-2 style byte-level BPE: token -> id JSON plus the merge list, encoded by a
+    ``tokenizers`` BPE built from both (GPT-2 pre-tokenizer regex, no prefix space)."""
+    if encoder is None:
+        _, encoder = _read_json(encoder_path)
+    if not isinstance(encoder, dict) or not encoder or not all(isinstance(v, int) for v in encoder.values()):
+        raise VocabError(f"{encoder_path}: expected a JSON object mapping token -> id")
+    try:
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise VocabError(f"{merges_path}: not a UTF-8 text file") from None
+    merges = []
+    for k, line in enumerate(lines):
+        if not line or (k == 0 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise VocabError(f"{merges_path}: line {k + 1} is not a merge 'left right': {line[:60]!r}")
+        merges.append(parts)
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True}
+             for t, i in encoder.items() if _SPECIAL_LIKE.fullmatch(t)]
+    cfg = encoder_path.parent / "tokenizer_config.json"
+    if cfg.is_file():
+        _, c = _read_json(cfg)
+        known = {a["id"] for a in added}
+        for key, a in ((c.get("added_tokens_decoder") or {}) if isinstance(c, dict) else {}).items():
+            if int(key) not in known and isinstance(a, dict) and "content" in a:
+                added.append({"id": int(key), "content": a["content"], "single_word": False,
+                              "lstrip": False, "rstrip": False, "normalized": False,
+                              "special": bool(a.get("special", True))})
+    data = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                          "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                    "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "vocab": encoder, "merges": [" ".join(p) for p in merges]},
+    }
+    vocab = load_hf_tokenizer(merges_path, json.dumps(data), data, name=name, source=encoder_path,
+                              config_path=cfg)
+    vocab.details["format"] = "gpt2 encoder+merges"
+    vocab.details["merges_file"] = str(merges_path)
+    return vocab
