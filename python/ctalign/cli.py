@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -234,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ctalign inspect X --json | head`: the reader left, nothing is wrong
+        try:
+            sys.stdout = open(os.devnull, "w")  # keep the interpreter's final flush quiet
+        except OSError:
+            pass
+        return 0
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
         from ctalign.assets import AssetError
         from ctalign.errors import CtalignError
