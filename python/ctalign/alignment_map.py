@@ -194,10 +194,13 @@ def build_map(teacher, student, *, teacher_pattern: str | None = None, student_p
         if not isinstance(spec, Vocab):
             say(f"loading {side} {spec}")
         v = _load(spec, pattern)
-        # The loaders build encoders and merge lists lazily: that is file parsing too.
-        v.encode_raw([b"a"])
+        # The loaders build encoders and merge lists lazily: that is loading the tokenizer too, so it
+        # counts as parse time (the student's compiled BPE for encode_raw included).
         if side == "teacher":
+            v.encode_raw([b"a"])
             v.merges
+        else:
+            v.prepare_encode_raw()
         timings[f"parse_{side}_s"] = time.perf_counter() - t0
         vocabs.append(v)
     teacher, student = vocabs

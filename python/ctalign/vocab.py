@@ -42,10 +42,12 @@ batched library call: tiktoken/Tekken 0.13-0.3 s (cl100k, Qwen, Tekken), Sentenc
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import re
 from functools import cached_property
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -154,6 +156,13 @@ def assign_roles(special_text: dict[int, str], explicit: dict[str, Iterable[int]
     return roles
 
 
+_FAST_RAW_MIN = 256  # pieces in one encode_raw call before the fast encoder is built
+
+
+def _fast_raw_default() -> bool:
+    return os.environ.get("CTALIGN_ENCODE_RAW", "").strip().lower() != "slow"
+
+
 # ---- the vocabulary ----------------------------------------------------------------------------
 class Backend:
     """The tokenizer's own encoder behind a :class:`Vocab` (one subclass per family).
@@ -175,6 +184,10 @@ class Backend:
 
     def normalize(self, text: str) -> str:
         return text
+
+    def fast_raw_encoder(self, vocab: "Vocab"):
+        """An object whose ``encode(texts, slow)`` equals ``encode_raw_texts`` faster, or None."""
+        return None
 
 
 class Vocab:
@@ -277,7 +290,7 @@ class Vocab:
         module docstring for WordPiece whitespace and unknown characters)."""
         return self._backend.normalize(text)
 
-    def encode_raw(self, pieces: Sequence[bytes]) -> list[list[int]]:
+    def encode_raw(self, pieces: Sequence[bytes], *, fast: bool | None = None) -> list[list[int]]:
         """The tokenizer's own tokenization of each byte string, as found inside a text: no
         prefix space, no specials (their text is ordinary text), normalizer kept (SentencePiece:
         without ``remove_extra_whitespaces``, so a piece's leading space stays a word boundary).
@@ -285,26 +298,74 @@ class Vocab:
         BPE: the HF model on their GPT-2 alphabet string; tiktoken/Tekken: tiktoken's BPE, no regex
         split), or split into valid runs and single bytes, each byte its ``<0xNN>`` piece, else
         unk (SentencePiece, WordPiece, HF Unigram / non-byte-level BPE). One batched library call
-        for all valid pieces; ``str`` pieces are not accepted."""
+        for all valid pieces; ``str`` pieces are not accepted.
+
+        ``fast`` (default: on unless the environment sets ``CTALIGN_ENCODE_RAW=slow``): HF
+        byte-level BPE without normalizer encodes through its own pre-tokenizer and the compiled
+        BPE (``merge_table``, built by the first call with 256+ pieces or ``prepare_encode_raw``)
+        instead of the library's ``encode_batch``, with the same result (see
+        ``ctalign._vocab_hf.FastRawEncoder``); ``fast=False`` forces the library path."""
         pieces = list(pieces)
-        if not all(type(p) is bytes for p in pieces):
+        if set(map(type, pieces)) - {bytes}:
             for k, p in enumerate(pieces):
                 if isinstance(p, (bytearray, memoryview)):
                     pieces[k] = bytes(p)
                 elif not isinstance(p, bytes):
                     raise TypeError(f"encode_raw() takes byte strings; piece {k} is {type(p).__name__}")
+        # Building ~10^5 small lists would trigger the cyclic GC over the whole heap many times:
+        # none of them can form a cycle.
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            return self._encode_raw(pieces, fast)
+        finally:
+            if gc_was_on:
+                gc.enable()
+
+    def _encode_raw(self, pieces: list[bytes], fast: bool | None) -> list[list[int]]:
         # One C-level pass decodes everything; invalid bytes become lone surrogates U+DC80-U+DCFF,
         # which only non-ASCII texts can hold.
-        texts = [p.decode("utf-8", "surrogateescape") for p in pieces]
+        texts = list(map(bytes.decode, pieces, repeat("utf-8"), repeat("surrogateescape")))
         find = _LONE_SURROGATE.search
-        bad_pos = [k for k, t in enumerate(texts) if not t.isascii() and find(t)]
+        bad_pos = []
+        if find("".join(texts)):
+            bad_pos = [k for k, t in enumerate(texts) if not t.isascii() and find(t)]
         for k in bad_pos:
             texts[k] = ""  # encoded below, on their own
-        out = self._backend.encode_raw_texts(texts) if texts else []
+        encoder = None
+        if fast if fast is not None else _fast_raw_default():
+            # Small calls do not build the compiled BPE for it (0.2-0.5 s for 128k-token vocabularies).
+            if len(texts) >= _FAST_RAW_MIN or "_fast_raw_encoder" in self.__dict__:
+                encoder = self._fast_raw_encoder
+        if not texts:
+            out = []
+        else:
+            out = None
+            if encoder is not None:
+                try:
+                    out = encoder.encode(texts, self._backend.encode_raw_texts)
+                except ValueError:  # a byte the compiled BPE has no piece for: the library decides
+                    out = None
+        if out is None:
+            out = self._backend.encode_raw_texts(texts)
         if bad_pos:
             for k, ids in zip(bad_pos, self._backend.encode_raw_invalid([pieces[k] for k in bad_pos])):
                 out[k] = ids
         return out
+
+    def prepare_encode_raw(self) -> None:
+        """Builds what ``encode_raw`` uses (the library encoder; for HF byte-level BPE also the
+        compiled BPE, ``merge_table``), so that later calls pay no start-up."""
+        self._backend.encode_raw_texts([""])
+        if _fast_raw_default():
+            self._fast_raw_encoder
+
+    @cached_property
+    def _fast_raw_encoder(self):
+        try:
+            return self._backend.fast_raw_encoder(self)
+        except (ValueError, ImportError):  # merges the compiled core rejects, no core: library path
+            return None
 
     # -- compiled views -----------------------------------------------------------------------------
     def byte_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
