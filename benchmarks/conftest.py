@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT / "python") not in sys.path and not os.environ.get("CTALIGN_BENCH_INSTALLED"):
-    sys.path.insert(0, str(_ROOT / "python"))  # run the working tree, like tests/
+_TREE_HAS_MODULE = any((_ROOT / "python" / "ctalign").glob("_core*.so"))  # built by tools/dev-build
+if _TREE_HAS_MODULE and str(_ROOT / "python") not in sys.path and not os.environ.get("CTALIGN_BENCH_INSTALLED"):
+    sys.path.insert(0, str(_ROOT / "python"))  # a developer's built working tree; else the installed package
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("pytest_benchmark")

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 HERE = Path(__file__).resolve().parent
-if (HERE.parent / "python" / "ctalign").is_dir():  # run from a checkout without installing
+if any((HERE.parent / "python" / "ctalign").glob("_core*.so")):  # a checkout built with tools/dev-build
     sys.path.insert(0, str(HERE.parent / "python"))
 
 from ctalign import assets, build_map, load_vocab  # noqa: E402

@@ -18,11 +18,14 @@ pytest.importorskip("matplotlib")
 from ctalign import bench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import the same ctalign as this process: the installed one in CI, the working tree
+# (PYTHONPATH=python) in development.
+PACKAGE_PARENT = str(Path(__import__("ctalign").__file__).resolve().parents[1])
 
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "python") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = PACKAGE_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 

@@ -21,6 +21,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import the same ctalign as this process: the installed one in CI, the working tree
+# (PYTHONPATH=python) in development.
+PACKAGE_PARENT = str(Path(__import__("ctalign").__file__).resolve().parents[1])
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
     ("Question: who is the hero?", " Botchan, a reckless young man from Tokyo."),
@@ -109,7 +112,7 @@ def worker(out_path: str) -> None:
 def test_ddp_gradients_equal_single_process(tmp_path):
     out = tmp_path / "report.json"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(ROOT / "tests")] +
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_PARENT, str(ROOT / "tests")] +
                                         ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",

@@ -16,6 +16,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[1]
+# Subprocesses import the same ctalign as this process: the installed one in CI, the working tree
+# (PYTHONPATH=python) in development.
+PACKAGE_PARENT = str(Path(__import__("ctalign").__file__).resolve().parents[1])
 SCRIPT = ROOT / "examples" / "distill.py"
 QUICK = ["--steps", "3", "--teacher-steps", "3", "--batch-size", "4", "--max-length", "40", "--eval-texts", "4",
          "--chunk-chars", "120", "--no-progress", "--threads", "1"]
@@ -61,7 +64,7 @@ def test_large_real_vocabularies(distill, tmp_path):
 def test_command_line(tmp_path):
     """The script as a user runs it (a subprocess, progress bar on)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "python") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = PACKAGE_PARENT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--loss", "alm", "--out", str(tmp_path)] +
                           [a for a in QUICK if a != "--no-progress"], env=env, capture_output=True, text=True,
                           timeout=300)
