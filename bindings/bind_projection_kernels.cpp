@@ -1,5 +1,337 @@
-// TODO(owner): bindings for cpp/projection_kernels.h
+// Bindings for cpp/projection_kernels.h: numpy views in (zero copy; torch tensors arrive through
+// Tensor.numpy(), bf16 as int16 bits), new numpy arrays out, the GIL released during the kernel.
+// ctalign/_cpu_backend.py is the only intended caller; it validates the torch-level arguments.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
 #include "bindings.h"
+#include "numpy_args.h"
+#include "projection_kernels.h"
+
 namespace ctalign::bindings {
-void bind_projection_kernels(pybind11::module_& m) { (void)m; }
+namespace {
+namespace py = pybind11;
+using kernels::ElemType;
+
+ElemType parse_elem_type(const std::string& name) {
+  if (name == "f32") return ElemType::f32;
+  if (name == "bf16") return ElemType::bf16;
+  if (name == "f16") return ElemType::f16;
+  if (name == "f64") return ElemType::f64;
+  throw py::value_error("elem_type must be one of f32, bf16, f16, f64; got " + name);
+}
+
+// A 2-D logits array [N, W] whose last dimension is contiguous, of the numpy dtype matching elem_type
+// (bf16: any 2-byte integer dtype carrying the bits).
+struct LogitsArg {
+  py::array array;
+  kernels::Logits view;
+  py::ssize_t width = 0;
+};
+
+LogitsArg logits_arg(const py::handle& obj, const std::string& elem_type, std::int64_t vocab_size, double temperature) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error("logits: expected a numpy array");
+  LogitsArg a;
+  a.array = py::reinterpret_borrow<py::array>(obj);
+  const ElemType type = parse_elem_type(elem_type);
+  const char kind = a.array.dtype().kind();
+  const py::ssize_t size = a.array.itemsize();
+  const bool ok = (type == ElemType::f32 && kind == 'f' && size == 4) || (type == ElemType::f16 && kind == 'f' && size == 2) ||
+                  (type == ElemType::f64 && kind == 'f' && size == 8) ||
+                  (type == ElemType::bf16 && (kind == 'i' || kind == 'u') && size == 2);
+  if (!ok) throw py::type_error("logits: numpy dtype " + std::string(py::str(a.array.dtype())) + " does not carry " + elem_type);
+  if (a.array.ndim() != 2) throw py::value_error("logits: expected a 2-d array [rows, width]");
+  const py::ssize_t n = a.array.shape(0);
+  a.width = a.array.shape(1);
+  if (n > 0 && a.width > 1 && a.array.strides(1) != size) throw py::value_error("logits: the last dimension must be contiguous");
+  if (n > 1 && (a.array.strides(0) % size != 0 || a.array.strides(0) < 0)) throw py::value_error("logits: unsupported row stride");
+  if (vocab_size > a.width) {
+    throw py::value_error("logits: width " + std::to_string(a.width) + " is smaller than the vocabulary size " +
+                          std::to_string(vocab_size));
+  }
+  a.view.data = a.array.data();
+  a.view.type = type;
+  a.view.n_rows = n;
+  a.view.row_stride = n > 1 ? a.array.strides(0) / size : a.width;
+  a.view.vocab_size = vocab_size;
+  a.view.temperature = temperature;
+  return a;
+}
+
+template <class Out>
+py::array_t<Out, py::array::c_style> out_arg(const py::handle& obj, const char* name, std::int64_t rows, std::int64_t cols) {
+  auto a = array_arg<Out>(obj, name, 2);
+  if (a.shape(0) != rows || a.shape(1) != cols) {
+    throw py::value_error(std::string(name) + ": expected shape [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
+  }
+  return a;
+}
+
+template <class Out>
+py::array_t<Out, py::array::c_style> vec_arg(const py::handle& obj, const char* name, std::int64_t n) {
+  auto a = array_arg<Out>(obj, name, 1);
+  if (a.shape(0) != n) throw py::value_error(std::string(name) + ": expected length " + std::to_string(n));
+  return a;
+}
+
+struct RangeArgs {
+  py::array_t<std::int32_t, py::array::c_style | py::array::forcecast> order, lo, hi;
+  py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> rows;
+  kernels::RangeQueries q;
+};
+
+RangeArgs range_args(const kernels::Logits& x, const py::handle& order, const py::handle& rows, const py::handle& lo,
+                     const py::handle& hi) {
+  RangeArgs a;
+  a.order = array_arg<std::int32_t>(order, "order", 1);
+  a.lo = array_arg<std::int32_t>(lo, "lo", 2);
+  a.hi = array_arg<std::int32_t>(hi, "hi", 2);
+  if (a.lo.shape(0) != a.hi.shape(0) || a.lo.shape(1) != a.hi.shape(1)) throw py::value_error("lo and hi differ in shape");
+  a.q.order = a.order.data();
+  a.q.order_size = a.order.shape(0);
+  if (rows.is_none()) {
+    a.q.rows = nullptr;
+    a.q.n_queries = x.n_rows;
+  } else {
+    a.rows = array_arg<std::int64_t>(rows, "rows", 1);
+    a.q.rows = a.rows.data();
+    a.q.n_queries = a.rows.shape(0);
+  }
+  a.q.n_cols = a.lo.shape(1);
+  a.q.shared = a.lo.shape(0) == 1;
+  if (!a.q.shared && a.lo.shape(0) != a.q.n_queries) {
+    throw py::value_error("lo, hi: expected " + std::to_string(a.q.n_queries) + " rows of ranges (one per query) or 1 (shared), got " +
+                          std::to_string(a.lo.shape(0)));
+  }
+  a.q.lo = a.lo.data();
+  a.q.hi = a.hi.data();
+  return a;
+}
+
+template <class Out>
+py::tuple grouped_forward(LogitsArg& x, const py::handle& group_obj, std::int32_t n_groups, int n_threads) {
+  auto group = vec_arg<std::int32_t>(group_obj, "group", x.view.vocab_size);
+  py::array_t<Out> out({static_cast<py::ssize_t>(x.view.n_rows), static_cast<py::ssize_t>(n_groups)});
+  py::array_t<Out> lse(static_cast<py::ssize_t>(x.view.n_rows));
+  {
+    py::gil_scoped_release release;
+    kernels::grouped_logmass<Out>(x.view, group.data(), n_groups, out.mutable_data(), lse.mutable_data(), n_threads);
+  }
+  return py::make_tuple(out, lse);
+}
+
+template <class Out>
+py::array grouped_backward(LogitsArg& x, const py::handle& group_obj, std::int32_t n_groups, const py::handle& out_obj,
+                           const py::handle& lse_obj, const py::handle& grad_obj, int n_threads) {
+  auto group = vec_arg<std::int32_t>(group_obj, "group", x.view.vocab_size);
+  auto out = out_arg<Out>(out_obj, "out", x.view.n_rows, n_groups);
+  auto grad_out = out_arg<Out>(grad_obj, "grad_out", x.view.n_rows, n_groups);
+  auto lse = vec_arg<Out>(lse_obj, "lse", x.view.n_rows);
+  py::array_t<Out> grad({static_cast<py::ssize_t>(x.view.n_rows), x.width});
+  {
+    py::gil_scoped_release release;
+    kernels::grouped_logmass_backward<Out>(x.view, group.data(), n_groups, out.data(), lse.data(), grad_out.data(),
+                                           grad.mutable_data(), x.width, n_threads);
+  }
+  return grad;
+}
+
+template <class Out>
+py::tuple range_forward(LogitsArg& x, RangeArgs& r, int n_threads) {
+  py::array_t<Out> out({static_cast<py::ssize_t>(r.q.n_queries), static_cast<py::ssize_t>(r.q.n_cols)});
+  py::array_t<Out> lse(static_cast<py::ssize_t>(x.view.n_rows));
+  {
+    py::gil_scoped_release release;
+    kernels::range_logmass<Out>(x.view, r.q, out.mutable_data(), lse.mutable_data(), n_threads);
+  }
+  return py::make_tuple(out, lse);
+}
+
+template <class Out>
+py::array range_backward(LogitsArg& x, RangeArgs& r, const py::handle& out_obj, const py::handle& lse_obj,
+                         const py::handle& grad_obj, int n_threads) {
+  auto out = out_arg<Out>(out_obj, "out", r.q.n_queries, r.q.n_cols);
+  auto grad_out = out_arg<Out>(grad_obj, "grad_out", r.q.n_queries, r.q.n_cols);
+  auto lse = vec_arg<Out>(lse_obj, "lse", x.view.n_rows);
+  py::array_t<Out> grad({static_cast<py::ssize_t>(x.view.n_rows), x.width});
+  {
+    py::gil_scoped_release release;
+    kernels::range_logmass_backward<Out>(x.view, r.q, out.data(), lse.data(), grad_out.data(), grad.mutable_data(),
+                                         x.width, n_threads);
+  }
+  return grad;
+}
+
+struct TopKArg {
+  py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> indices;
+  py::array logprobs;
+  kernels::TopKRows view;
+};
+
+TopKArg topk_arg(const py::handle& indices, const py::handle& logprobs, const std::string& elem_type,
+                 std::int64_t vocab_size, double temperature) {
+  TopKArg a;
+  a.indices = array_arg<std::int64_t>(indices, "indices", 2);
+  LogitsArg lp = logits_arg(logprobs, elem_type, 0, temperature);
+  if (lp.view.n_rows != a.indices.shape(0) || lp.width != a.indices.shape(1)) {
+    throw py::value_error("TopK: indices and logprobs differ in shape");
+  }
+  if (lp.view.n_rows > 1 && lp.view.row_stride != lp.width) throw py::value_error("TopK: logprobs must be contiguous");
+  a.logprobs = lp.array;
+  a.view.indices = a.indices.data();
+  a.view.logprobs = lp.view.data;
+  a.view.type = lp.view.type;
+  a.view.n_rows = lp.view.n_rows;
+  a.view.k = lp.width;
+  a.view.vocab_size = vocab_size;
+  a.view.temperature = temperature;
+  return a;
+}
+
+template <class Out>
+py::array topk_grouped(TopKArg& x, const py::handle& group_obj, std::int32_t n_groups, int n_threads) {
+  auto group = vec_arg<std::int32_t>(group_obj, "group", x.view.vocab_size);
+  py::array_t<Out> out({static_cast<py::ssize_t>(x.view.n_rows), static_cast<py::ssize_t>(n_groups)});
+  {
+    py::gil_scoped_release release;
+    kernels::topk_grouped_logmass<Out>(x.view, group.data(), n_groups, out.mutable_data(), n_threads);
+  }
+  return out;
+}
+
+template <class Out>
+py::array topk_range(TopKArg& x, const py::handle& rank_obj, std::int64_t order_size, const py::handle& rows,
+                     const py::handle& lo, const py::handle& hi, int n_threads) {
+  auto rank = vec_arg<std::int32_t>(rank_obj, "rank", x.view.vocab_size);
+  kernels::Logits rows_view;
+  rows_view.n_rows = x.view.n_rows;
+  RangeArgs r = range_args(rows_view, py::array_t<std::int32_t>(0), rows, lo, hi);
+  r.q.order_size = order_size;
+  py::array_t<Out> out({static_cast<py::ssize_t>(r.q.n_queries), static_cast<py::ssize_t>(r.q.n_cols)});
+  {
+    py::gil_scoped_release release;
+    kernels::topk_range_logmass<Out>(x.view, rank.data(), r.q, out.mutable_data(), n_threads);
+  }
+  return out;
+}
+
+kernels::Isa parse_isa(const std::string& name) {
+  if (name == "scalar") return kernels::Isa::scalar;
+  if (name == "avx2") return kernels::Isa::avx2;
+  if (name == "avx512") return kernels::Isa::avx512;
+  throw py::value_error("kernel instruction set must be scalar, avx2 or avx512; got " + name);
+}
+
+}  // namespace
+
+void bind_projection_kernels(py::module_& m) {
+  m.def(
+      "grouped_logmass",
+      [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& group,
+         std::int32_t n_groups, double temperature, int n_threads) {
+        LogitsArg x = logits_arg(logits, elem_type, vocab_size, temperature);
+        return x.view.type == ElemType::f64 ? grouped_forward<double>(x, group, n_groups, n_threads)
+                                            : grouped_forward<float>(x, group, n_groups, n_threads);
+      },
+      py::arg("logits"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("group"), py::arg("n_groups"),
+      py::arg("temperature"), py::arg("n_threads"),
+      "(out [N, G], lse [N]): log mass of each token group per row, softmax fused (float32; float64 for f64).");
+  m.def(
+      "grouped_logmass_backward",
+      [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& group,
+         std::int32_t n_groups, double temperature, const py::handle& out, const py::handle& lse,
+         const py::handle& grad_out, int n_threads) {
+        LogitsArg x = logits_arg(logits, elem_type, vocab_size, temperature);
+        return x.view.type == ElemType::f64 ? grouped_backward<double>(x, group, n_groups, out, lse, grad_out, n_threads)
+                                            : grouped_backward<float>(x, group, n_groups, out, lse, grad_out, n_threads);
+      },
+      py::arg("logits"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("group"), py::arg("n_groups"),
+      py::arg("temperature"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("n_threads"),
+      "grad_logits [N, W] of grouped_logmass (zero in padding columns).");
+  m.def(
+      "range_logmass",
+      [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& order,
+         const py::handle& rows, const py::handle& lo, const py::handle& hi, double temperature, int n_threads) {
+        LogitsArg x = logits_arg(logits, elem_type, vocab_size, temperature);
+        RangeArgs r = range_args(x.view, order, rows, lo, hi);
+        return x.view.type == ElemType::f64 ? range_forward<double>(x, r, n_threads) : range_forward<float>(x, r, n_threads);
+      },
+      py::arg("logits"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("order"), py::arg("rows"), py::arg("lo"),
+      py::arg("hi"), py::arg("temperature"), py::arg("n_threads"),
+      "(out [Q, C], lse [N]): log mass of ranges of `order` per query row (lse 0 for rows no query reads).");
+  m.def(
+      "range_logmass_backward",
+      [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& order,
+         const py::handle& rows, const py::handle& lo, const py::handle& hi, double temperature, const py::handle& out,
+         const py::handle& lse, const py::handle& grad_out, int n_threads) {
+        LogitsArg x = logits_arg(logits, elem_type, vocab_size, temperature);
+        RangeArgs r = range_args(x.view, order, rows, lo, hi);
+        return x.view.type == ElemType::f64 ? range_backward<double>(x, r, out, lse, grad_out, n_threads)
+                                            : range_backward<float>(x, r, out, lse, grad_out, n_threads);
+      },
+      py::arg("logits"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("order"), py::arg("rows"), py::arg("lo"),
+      py::arg("hi"), py::arg("temperature"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("n_threads"),
+      "grad_logits [N, W] of range_logmass (zero in padding columns and rows no query reads).");
+  m.def(
+      "topk_grouped_logmass",
+      [](const py::handle& indices, const py::handle& logprobs, const std::string& elem_type, std::int64_t vocab_size,
+         const py::handle& group, std::int32_t n_groups, double temperature, int n_threads) {
+        TopKArg x = topk_arg(indices, logprobs, elem_type, vocab_size, temperature);
+        return x.view.type == ElemType::f64 ? topk_grouped<double>(x, group, n_groups, n_threads)
+                                            : topk_grouped<float>(x, group, n_groups, n_threads);
+      },
+      py::arg("indices"), py::arg("logprobs"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("group"),
+      py::arg("n_groups"), py::arg("temperature"), py::arg("n_threads"),
+      "out [N, G] from sparse rows (indices int64 [N, k], log-probabilities [N, k]); float64 for f64.");
+  m.def(
+      "topk_range_logmass",
+      [](const py::handle& indices, const py::handle& logprobs, const std::string& elem_type, std::int64_t vocab_size,
+         const py::handle& rank, std::int64_t order_size, const py::handle& rows, const py::handle& lo,
+         const py::handle& hi, double temperature, int n_threads) {
+        TopKArg x = topk_arg(indices, logprobs, elem_type, vocab_size, temperature);
+        return x.view.type == ElemType::f64 ? topk_range<double>(x, rank, order_size, rows, lo, hi, n_threads)
+                                            : topk_range<float>(x, rank, order_size, rows, lo, hi, n_threads);
+      },
+      py::arg("indices"), py::arg("logprobs"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("rank"),
+      py::arg("order_size"), py::arg("rows"), py::arg("lo"), py::arg("hi"), py::arg("temperature"), py::arg("n_threads"),
+      "out [Q, C] of range log masses from sparse rows (rank: int32[V], -1 outside the order).");
+  m.def(
+      "compact_child_ranges",
+      [](const py::handle& child_start, const py::handle& child_node, const py::handle& node_lo,
+         const py::handle& node_hi, const py::handle& node_end, const py::handle& node_symbol, const py::handle& nodes,
+         std::int64_t filler) {
+        auto cs = array_arg<std::int32_t>(child_start, "child_start");
+        auto cn = array_arg<std::int32_t>(child_node, "child_node");
+        auto nl = array_arg<std::int32_t>(node_lo, "node_lo");
+        auto nh = array_arg<std::int32_t>(node_hi, "node_hi");
+        auto ne = array_arg<std::int32_t>(node_end, "node_end");
+        auto ns = array_arg<std::int32_t>(node_symbol, "node_symbol");
+        auto nd = array_arg<std::int64_t>(nodes, "nodes");
+        const std::int64_t n_nodes = nl.shape(0);
+        if (nh.shape(0) != n_nodes || ne.shape(0) != n_nodes || ns.shape(0) != n_nodes || cs.shape(0) != n_nodes + 1 ||
+            cn.shape(0) < std::max<std::int64_t>(0, n_nodes - 1)) {
+          throw py::value_error("compact_child_ranges: trie node arrays differ in length");
+        }
+        kernels::TrieNodes t{cs.data(), cn.data(), nl.data(), nh.data(), ne.data(), ns.data(), n_nodes};
+        const std::int64_t q = nd.shape(0);
+        const std::int64_t k = kernels::max_children(t, nd.data(), q);
+        py::array_t<std::int32_t> lo({q, k + 3}), hi({q, k + 3});
+        py::array_t<std::int64_t> symbol({q, k});
+        kernels::compact_child_ranges(t, nd.data(), q, k, filler, lo.mutable_data(), hi.mutable_data(),
+                                      symbol.mutable_data());
+        return py::make_tuple(lo, hi, symbol);
+      },
+      py::arg("child_start"), py::arg("child_node"), py::arg("node_lo"), py::arg("node_hi"), py::arg("node_end"),
+      py::arg("node_symbol"), py::arg("nodes"), py::arg("filler"),
+      "(lo, hi int32 [Q, K+3], symbol int64 [Q, K]): children's ranges, then end, node and continuing ranges.");
+  m.def("kernel_isa", [] { return std::string(kernels::isa_name(kernels::active_isa())); },
+        "Instruction set the float projection kernels use now: scalar, avx2 or avx512.");
+  m.def("best_kernel_isa", [] { return std::string(kernels::isa_name(kernels::best_isa())); },
+        "Best instruction set this CPU runs.");
+  m.def("set_kernel_isa", [](const std::string& name) { kernels::set_isa(parse_isa(name)); }, py::arg("name"),
+        "Force the projection kernels' instruction set (tests, benchmarks); not above best_kernel_isa().");
+}
+
 }  // namespace ctalign::bindings

@@ -1,0 +1,135 @@
+// CPU projection kernels: teacher logits rows -> log probability mass of token groups and of ranges
+// of a sorted token order, with the softmax fused in (docs/ARCHITECTURE.md, "Kernel contract";
+// definitions in shared/notes/design.md). No Python or torch here; ctalign/_cpu_backend.py wraps it.
+//
+// Logits: n_rows rows of `vocab_size` used columns (row_stride >= vocab_size elements apart), fp32,
+// bf16, fp16 or fp64, softmax of x / temperature. Outputs are log probabilities, -inf for zero mass,
+// never NaN for finite input. Output element type `Out` is float for fp32/bf16/fp16 logits and double
+// for fp64 logits (the fp64 path computes in double throughout, for gradcheck and high precision).
+//
+// Non-finite input (NaN, +inf or -inf anywhere in a row's used columns) is reported, not thrown: that
+// row's lse and outputs are NaN. Callers check lse (O(n_rows)) and raise; no second pass is needed.
+//
+// Numerics (fp32/bf16/fp16): e^(x/T - shift) 2^90 in float (fast_math.h), summed in double; d = x/T -
+// shift is formed with one rounding (fused multiply-subtract), so the top tokens (|d| <= 24) keep
+// ~1e-7 relative precision whatever the logits' magnitude. Tokens below ~e^-140 of a row's top token
+// count as zero mass. Group outputs take a float log of the group probability (a double log below
+// 2^-120). Range sums come from double prefix sums over the sorted order; a range whose mass is below
+// 2^-23 of its prefix is summed directly instead, so small masses keep full relative precision
+// (cost: the length of such ranges).
+//
+// Costs, per row of V columns (threads over rows, instruction set chosen at run time):
+//   grouped_logmass: one read of the row. SIMD paths take eight rows at once: per 512-column chunk a
+//     max pass (L1), then an 8x8 transpose so each token adds its eight rows' e^x to one cache line of
+//     a [G][8] double accumulator (G x 64 bytes per thread); the next chunk is prefetched meanwhile.
+//     Leftover rows (and the scalar ISA) scatter-add one row at a time. O(V + G).
+//   grouped backward: same layout (a [G][8] table of per-group constants), one e^x per element.
+//   range_logmass: rows some query reads; a max pass, e^x into a buffer, a scatter into sorted order,
+//     8-chain prefix sums (M + 1 doubles), then O(C) per query; rows no query reads cost nothing.
+//   range backward: the same plus a compensated running sum of a difference array over the order.
+// Memory: per thread O(G) or O(V + M) scratch; outputs are the caller's.
+#pragma once
+#include <cstdint>
+
+namespace ctalign::kernels {
+
+enum class ElemType : int { f32 = 0, bf16 = 1, f16 = 2, f64 = 3 };
+
+struct Logits {
+  const void* data = nullptr;  // element 0 of row 0
+  ElemType type = ElemType::f32;
+  std::int64_t n_rows = 0;
+  std::int64_t row_stride = 0;  // elements between row starts, >= vocab_size
+  std::int64_t vocab_size = 0;  // V: columns [0, V) are tokens, the rest padding (ignored)
+  double temperature = 1.0;     // > 0
+};
+
+// Range queries: out[q, c] = log sum over i in [lo[q,c], hi[q,c]) of p_{row q}(order[i]).
+struct RangeQueries {
+  const std::int32_t* order = nullptr;  // [M] token ids in [0, V)
+  std::int64_t order_size = 0;          // M
+  const std::int64_t* rows = nullptr;   // [Q] rows in [0, n_rows); nullptr: query q reads row q
+  std::int64_t n_queries = 0;           // Q (== n_rows when rows is nullptr)
+  const std::int32_t* lo = nullptr;     // [Q, C], or [1, C] when shared
+  const std::int32_t* hi = nullptr;
+  std::int64_t n_cols = 0;              // C
+  bool shared = false;                  // one row of ranges used by every query
+};
+
+// out[r, g] = log sum_{t < V, group[t] = g} p_r(t) (out: [n_rows, n_groups]); lse[r] = log-normaliser
+// of x_r / T over [0, V). group: int32[V] in [0, n_groups).
+template <class Out>
+void grouped_logmass(const Logits& x, const std::int32_t* group, std::int32_t n_groups, Out* out, Out* lse,
+                     int n_threads);
+
+// grad[r, t] = d(sum_g grad_out[r, g] out[r, g]) / d x[r, t] for t < V, 0 for t in [V, grad_width).
+// grad: [n_rows, grad_width] contiguous. Groups with out = -inf carry no gradient.
+template <class Out>
+void grouped_logmass_backward(const Logits& x, const std::int32_t* group, std::int32_t n_groups, const Out* out,
+                              const Out* lse, const Out* grad_out, Out* grad, std::int64_t grad_width,
+                              int n_threads);
+
+// out: [Q, C]; lse: [n_rows] (rows no query reads get 0: they are not read at all).
+template <class Out>
+void range_logmass(const Logits& x, const RangeQueries& q, Out* out, Out* lse, int n_threads);
+
+// grad: [n_rows, grad_width] contiguous; rows no query reads get 0. Outputs equal to -inf carry no
+// gradient. `lse` is accepted for the contract's symmetry; the kernel recomputes the row's normaliser.
+template <class Out>
+void range_logmass_backward(const Logits& x, const RangeQueries& q, const Out* out, const Out* lse,
+                            const Out* grad_out, Out* grad, std::int64_t grad_width, int n_threads);
+
+// Sparse rows: the k kept (token id, log-probability) entries of each row, used as given (the missing
+// tail is not renormalised). A temperature T reshapes the kept entries keeping their total mass:
+// lp_T = lp / T - logsumexp(lp / T) + logsumexp(lp). Entries with lp = -inf have no mass; NaN, +inf,
+// ids outside [0, vocab_size) and an id listed twice in a row throw InputError naming the row.
+// Cost per row: O(k log k) (validation sort) + O(n_groups) output fill; range queries add
+// O(C log k) each. Numerics: float outputs use float e^x and log (mass below ~1e-38 counts as 0),
+// double outputs (fp64 log-probabilities) use libm in double.
+struct TopKRows {
+  const std::int64_t* indices = nullptr;  // [n_rows, k]
+  const void* logprobs = nullptr;         // [n_rows, k], ElemType
+  ElemType type = ElemType::f32;
+  std::int64_t n_rows = 0;
+  std::int64_t k = 0;
+  std::int64_t vocab_size = 0;
+  double temperature = 1.0;
+};
+
+// out[r, g] = log sum_{j: group[indices[r, j]] = g} p_rj; out: [n_rows, n_groups].
+template <class Out>
+void topk_grouped_logmass(const TopKRows& x, const std::int32_t* group, std::int32_t n_groups, Out* out, int n_threads);
+
+// out[q, c] = log sum_{j: rank[indices[rows q, j]] in [lo, hi)} p_j; rank: int32[vocab_size], -1 for
+// ids outside the sorted order (they fall in no range). q.order is not read; q.order_size bounds the
+// ranges. out: [Q, C].
+template <class Out>
+void topk_range_logmass(const TopKRows& x, const std::int32_t* rank, const RangeQueries& q, Out* out, int n_threads);
+
+// Range queries for trie nodes, compact: for each node, its children's ranges in symbol order
+// (k = the most children any of `nodes` has; missing ones are the empty range [0, 0) with symbol
+// `filler`), then [lo, end) (tokens equal to the prefix), [lo, hi) (the node), [end, hi)
+// (tokens continuing past it). lo, hi: [q, k + 3]; symbol: [q, k]. Node arrays as in
+// sequence_trie.h. Returns k. Cost O(q (k + 3)); nodes out of range throw InputError.
+struct TrieNodes {
+  const std::int32_t* child_start = nullptr;  // [n_nodes + 1]
+  const std::int32_t* child_node = nullptr;   // [n_nodes - 1]
+  const std::int32_t* node_lo = nullptr;      // [n_nodes]
+  const std::int32_t* node_hi = nullptr;
+  const std::int32_t* node_end = nullptr;
+  const std::int32_t* node_symbol = nullptr;
+  std::int64_t n_nodes = 0;
+};
+std::int64_t max_children(const TrieNodes& t, const std::int64_t* nodes, std::int64_t q);
+void compact_child_ranges(const TrieNodes& t, const std::int64_t* nodes, std::int64_t q, std::int64_t k,
+                          std::int64_t filler, std::int32_t* lo, std::int32_t* hi, std::int64_t* symbol);
+
+// Instruction set of the float kernels, picked once from cpuid (the best the CPU runs); tests and
+// benchmarks may force a lower one. Throws InputError for one this CPU cannot run.
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+Isa best_isa();
+Isa active_isa();
+void set_isa(Isa isa);
+const char* isa_name(Isa isa);
+
+}  // namespace ctalign::kernels

@@ -1,0 +1,668 @@
+"""Projection ops: teacher logits to byte and student-vocabulary log-probabilities, with autograd.
+
+    >>> lp = ops.next_byte_logprobs(teacher_logits, teacher_vocab)          # [..., 257]  # doctest: +SKIP
+    >>> q = ops.project_to_student(teacher_logits, amap)                    # [..., V_s + 1]  # doctest: +SKIP
+
+Definitions: ``shared/notes/design.md``; kernel contract: ``docs/ARCHITECTURE.md``. Every op takes
+logits ``[..., W]`` (``W >= `` the teacher vocabulary; padding columns ignored; float32, bfloat16,
+float16 or float64) or sparse rows :class:`TopK`, and returns log-probabilities with one extra last
+column, ``end``:
+
+=====================================  ===========  ================================================
+op                                     columns      ``end`` column holds
+=====================================  ===========  ================================================
+:func:`next_byte_logprobs`             257          special tokens (no bytes)
+:func:`byte_conditional_logprobs`      257 (256)    tokens whose bytes equal the prefix
+:func:`project_to_student`             V_s + 1      teacher specials without a student special of
+                                                    their role
+:func:`project_to_student_within`      V_s + 1      tokens whose dec_S equals the consumed pieces
+:func:`cover_logmass`                  V_s          (no end column: masses of overlapping sets)
+=====================================  ===========  ================================================
+
+Conditionals telescope: along a teacher token ``t`` with bytes ``b_1..b_L``,
+``next_byte[b_1] + sum_{i=2..L} cond(b_<i)[b_i] + cond(b_1..b_L)[end] = log p(t)`` (summed over the
+ids with the same bytes, e.g. SentencePiece's ``▁`` and ``<0x20>``); the same holds for
+``project_to_student`` and ``project_to_student_within`` along ``dec_S(t)``.
+
+Dispatch: CPU tensors run the compiled kernels (``ctalign._cpu_backend``), CUDA tensors the CUDA
+module when it is built (``ctalign._cuda_backend``; float64 stays on the pure-torch path there), any
+other case the pure-torch :mod:`ctalign.reference`. :func:`last_backend` names the backend of the
+last call (``cpu``, ``cuda``, ``reference`` or ``topk``). Sparse rows cost O(k log k) per row plus
+the output: compiled on CPU (their backward differentiates the pure-torch path), pure torch on any
+other device.
+
+Outputs: float32 (float64 for float64 logits), ``-inf`` for zero mass, never NaN; distributions sum
+to 1 within 1e-6 in float32. The float32 kernels count tokens below about e^-140 of a row's top token
+as zero mass (log-probabilities below about -130 may come out as ``-inf``); sparse rows count kept
+probabilities below ~1e-38 as zero. Gradients flow to the logits (the backend's backward; float64
+logits run the CPU kernels' float64 path, so ``torch.autograd.gradcheck`` exercises them) or to
+``TopK.logprobs``; outputs equal to ``-inf`` carry no gradient. Bad input raises ``TypeError``
+(types, dtypes) or ``ValueError`` (shapes, devices, ids out of range, non-finite logits, logits
+narrower than the map's teacher, ``teacher=``/``student=`` vocabularies a map was not built for)
+naming the problem. Finite-logit checking is free on CPU (the kernel reports it); on CUDA it synchronises once
+per call unless :data:`check_finite` is set to False.
+
+Tables (token groups, sorted orders, trie nodes) are cached as torch tensors on the vocabulary or
+map object, per device, so a training loop copies them to the device once.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ctalign import _cpu_backend, reference
+from ctalign.errors import MapMismatchError
+
+__all__ = [
+    "TopK", "next_byte_logprobs", "byte_conditional_logprobs", "project_to_student",
+    "project_to_student_within", "cover_logmass", "last_backend", "force_backend", "check_finite",
+]
+
+#: Check logits for NaN/inf on CUDA too (one host synchronisation per call); CPU checks are free.
+check_finite = True
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_last_backend: str | None = None
+_forced_backend: str | None = None
+
+
+class TopK(NamedTuple):
+    """Sparse teacher rows: the ``k`` kept token ids of each row and their log-probabilities.
+
+    ``indices``: int64 (or int32) ``[..., k]``, distinct per row, each ``< len(vocabulary)``;
+    ``logprobs``: float ``[..., k]`` on the same device, used as given (the missing tail is not
+    renormalised; ``-inf`` entries are allowed and count as zero mass). Every op accepts a ``TopK``
+    in place of dense logits and then costs O(k log k) per row plus the output size.
+    """
+
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def last_backend() -> str | None:
+    """Backend that served the last op call: ``cpu``, ``cuda``, ``reference`` or ``topk``."""
+    return _last_backend
+
+
+@contextlib.contextmanager
+def force_backend(name: str | None):
+    """Route dense calls to one backend (``cpu``, ``cuda`` or ``reference``) inside the block:
+    tests compare backends with it, benchmarks time the pure-torch path with it."""
+    global _forced_backend
+    if name not in (None, "cpu", "cuda", "reference"):
+        raise ValueError(f"force_backend: unknown backend {name!r} (cpu, cuda, reference or None)")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
+# ---- backends ------------------------------------------------------------------------------------
+_cuda_backend_module: Any = None
+
+
+def _cuda_backend():
+    global _cuda_backend_module
+    if _cuda_backend_module is None:
+        try:
+            from ctalign import _cuda_backend as mod
+            _cuda_backend_module = mod if mod.available() else False
+        except Exception:  # not built, or no usable device: the reference serves CUDA tensors
+            _cuda_backend_module = False
+    return _cuda_backend_module or None
+
+
+def _backend_for(x: torch.Tensor):
+    name = _forced_backend
+    if name is None:
+        if x.device.type == "cpu" and _cpu_backend.available():
+            name = "cpu"
+        elif x.device.type == "cuda" and x.dtype != torch.float64 and _cuda_backend() is not None:
+            name = "cuda"
+        else:
+            name = "reference"
+    if name == "cpu":
+        if not _cpu_backend.available():
+            raise ValueError("the CPU kernels (ctalign._core) are not available")
+        return _cpu_backend, name
+    if name == "cuda":
+        mod = _cuda_backend()
+        if mod is None:
+            raise ValueError("the CUDA kernels (ctalign._cuda) are not available")
+        return mod, name
+    return reference, "reference"
+
+
+class _GroupedLogmass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, backend, vocab_size, group, n_groups, temperature):
+        out, lse = backend.grouped_logmass(x, vocab_size, group, n_groups, temperature)
+        out, lse = out.to(x.device), lse.to(x.device)
+        ctx.save_for_backward(x, group, out, lse)
+        ctx.args = (backend, vocab_size, n_groups, temperature)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        x, group, out, lse = ctx.saved_tensors
+        backend, vocab_size, n_groups, temperature = ctx.args
+        grad = backend.grouped_logmass_backward(x, vocab_size, group, n_groups, temperature, out, lse,
+                                                grad_out.to(out.dtype).contiguous())
+        return grad.to(x.device, x.dtype), None, None, None, None, None
+
+
+class _RangeLogmass(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, backend, vocab_size, order, rows, lo, hi, temperature):
+        out, lse = backend.range_logmass(x, vocab_size, order, rows, lo, hi, temperature)
+        out, lse = out.to(x.device), lse.to(x.device)
+        ctx.save_for_backward(x, order, rows, lo, hi, out, lse)
+        ctx.args = (backend, vocab_size, temperature)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        x, order, rows, lo, hi, out, lse = ctx.saved_tensors
+        backend, vocab_size, temperature = ctx.args
+        grad = backend.range_logmass_backward(x, vocab_size, order, rows, lo, hi, temperature, out, lse,
+                                              grad_out.to(out.dtype).contiguous())
+        return grad.to(x.device, x.dtype), None, None, None, None, None, None, None
+
+
+class _TopKGrouped(torch.autograd.Function):
+    """Sparse rows on CPU: the compiled forward; the backward differentiates the reference (O(k))."""
+
+    @staticmethod
+    def forward(ctx, logprobs, indices, vocab_size, group, n_groups, temperature):
+        ctx.save_for_backward(logprobs, indices, group)
+        ctx.args = (n_groups, temperature)
+        return _cpu_backend.topk_grouped_logmass(indices, logprobs, vocab_size, group, n_groups, temperature)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        logprobs, indices, group = ctx.saved_tensors
+        n_groups, temperature = ctx.args
+        with torch.enable_grad():
+            lp = logprobs.detach().requires_grad_()
+            out = reference.topk_grouped_logmass(indices, lp, group, n_groups, temperature)
+            (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
+        return grad, None, None, None, None, None
+
+
+class _TopKRange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logprobs, indices, vocab_size, rank, rank32, order_size, rows, lo, hi, temperature):
+        ctx.save_for_backward(logprobs, indices, rank, rows, lo, hi)
+        ctx.args = (order_size, temperature)
+        return _cpu_backend.topk_range_logmass(indices, logprobs, vocab_size, rank32, order_size, rows, lo, hi,
+                                               temperature)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        logprobs, indices, rank, rows, lo, hi = ctx.saved_tensors
+        order_size, temperature = ctx.args
+        with torch.enable_grad():
+            lp = logprobs.detach().requires_grad_()
+            out = reference.topk_range_logmass(indices, lp, rank, order_size, rows, lo, hi, temperature)
+            (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def _compiled_topk(idx: torch.Tensor) -> bool:
+    return idx.device.type == "cpu" and _forced_backend in (None, "cpu") and _cpu_backend.available()
+
+
+# ---- argument checks -----------------------------------------------------------------------------
+def _check_temperature(op: str, temperature) -> float:
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
+        temperature = float(temperature)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{op}: temperature must be a number, got {type(temperature).__name__}")
+    t = float(temperature)
+    if not (t > 0 and np.isfinite(t)):
+        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
+    return t
+
+
+def _dense_rows(op: str, logits, n_tokens: int, what: str):
+    """logits [..., W] -> ([N, W] with a contiguous last dim, leading shape)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{op}: logits must be a torch.Tensor or a ctalign.TopK, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: logits dtype {logits.dtype} is not float32, bfloat16, float16 or float64")
+    if logits.dim() < 1:
+        raise ValueError(f"{op}: logits must have a last (vocabulary) dimension, got a scalar")
+    width = logits.shape[-1]
+    if width < n_tokens:
+        raise ValueError(f"{op}: logits width {width} is smaller than {what} ({n_tokens} tokens)")
+    x = logits.reshape(-1, width)
+    if width > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x, tuple(logits.shape[:-1])
+
+
+def _topk_rows(op: str, topk: TopK, n_tokens: int, what: str, *, deep: bool = True):
+    """TopK [..., k] -> (indices int64 [N, k], logprobs [N, k], leading shape), validated (`deep`:
+    ids in range and distinct, no NaN/+inf; the compiled CPU path checks those itself)."""
+    indices, logprobs = topk
+    if not isinstance(indices, torch.Tensor) or not isinstance(logprobs, torch.Tensor):
+        raise TypeError(f"{op}: TopK.indices and TopK.logprobs must be torch tensors")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: TopK.indices must be int64 or int32, got {indices.dtype}")
+    if logprobs.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: TopK.logprobs dtype {logprobs.dtype} is not float32, bfloat16, float16 or float64")
+    if indices.shape != logprobs.shape or indices.dim() < 1:
+        raise ValueError(f"{op}: TopK.indices {tuple(indices.shape)} and TopK.logprobs {tuple(logprobs.shape)} "
+                         f"must have the same shape [..., k]")
+    if indices.device != logprobs.device:
+        raise ValueError(f"{op}: TopK.indices is on {indices.device} but TopK.logprobs on {logprobs.device}")
+    k = indices.shape[-1]
+    idx = indices.reshape(-1, k).to(torch.int64)
+    lp = logprobs.reshape(-1, k)
+    if deep and idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= n_tokens:
+            bad = (idx < 0) | (idx >= n_tokens)
+            row = int(bad.any(dim=-1).nonzero()[0])
+            raise ValueError(f"{op}: TopK row {row}: index {int(idx[bad][0])} is not a token id of {what} "
+                             f"({n_tokens} tokens)")
+        if k > 1:
+            s = idx.sort(dim=-1).values
+            dup = s[:, 1:] == s[:, :-1]
+            if bool(dup.any()):
+                row = int(dup.any(dim=-1).nonzero()[0])
+                raise ValueError(f"{op}: TopK row {row} lists a token id more than once")
+        bad = torch.isnan(lp) | (lp == float("inf"))
+        if bool(bad.any()):
+            row = int(bad.any(dim=-1).nonzero()[0])
+            raise ValueError(f"{op}: TopK.logprobs row {row} holds NaN or +inf")
+    return idx, lp, tuple(indices.shape[:-1])
+
+
+def _index_arg(op: str, name: str, values, upper: int, device: torch.device, what: str) -> torch.Tensor:
+    """A 1-d int64 tensor of ids in [0, upper) on `device` (lists, numpy and CPU tensors are moved)."""
+    if isinstance(values, torch.Tensor):
+        t = values
+        if t.device != device and t.device.type != "cpu":
+            raise ValueError(f"{op}: {name} is on {t.device} but the logits are on {device}")
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(values))
+        except Exception as e:
+            raise TypeError(f"{op}: {name} must be a sequence of ints, got {type(values).__name__}") from e
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must hold integer ids, got dtype {t.dtype}")
+    if t.dim() != 1:
+        raise ValueError(f"{op}: {name} must be 1-d, got shape {tuple(t.shape)}")
+    t = t.to(device, torch.int64)
+    if t.numel():
+        bad = (t < 0) | (t >= upper)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{op}: {name}[{i}] = {int(t[i])} is outside [0, {upper}) ({what})")
+    return t
+
+
+def _compiled_call(op: str, fn, *args):
+    """Runs a compiled sparse-row kernel; its row errors (ValueError) get the op's name."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ValueError(f"{op}: {e}") from None
+
+
+def _raise_nonfinite(op: str, bad_rows: torch.Tensor) -> None:
+    if bool(bad_rows.any()):
+        r = int(bad_rows.nonzero()[0])
+        raise ValueError(f"{op}: logits row {r} holds NaN or infinite values (or overflows at this temperature)")
+
+
+def _check_rows_finite(op: str, x: torch.Tensor, n_tokens: int, lse: torch.Tensor | None,
+                       rows: torch.Tensor | None, backend_name: str) -> None:
+    if backend_name == "cuda" and not check_finite:
+        return
+    if lse is not None and backend_name != "reference":
+        bad = ~torch.isfinite(lse if rows is None else lse[rows])
+        if rows is not None and bool(bad.any()):
+            bad = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device).index_fill(0, rows[bad], True)
+        _raise_nonfinite(op, bad)
+        return
+    used = x[:, :n_tokens]
+    bad = ~torch.isfinite(used).all(dim=-1)
+    if rows is not None:
+        keep = torch.zeros_like(bad).index_fill(0, rows, True)
+        bad = bad & keep
+    _raise_nonfinite(op, bad)
+
+
+# ---- cached tables -------------------------------------------------------------------------------
+_TABLE_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_TABLE_CACHE_STRONG: dict[int, tuple[Any, dict]] = {}
+
+
+def _cache_of(obj) -> dict:
+    store = getattr(obj, "__dict__", None)
+    if isinstance(store, dict):
+        return store.setdefault("_ctalign_op_tables", {})
+    try:
+        return _TABLE_CACHE.setdefault(obj, {})
+    except TypeError:
+        return _TABLE_CACHE_STRONG.setdefault(id(obj), (obj, {}))[1]
+
+
+class _Tables:
+    """Integer tables of one trie / map as torch tensors: host copies plus one copy per device."""
+
+    def __init__(self, host: dict[str, torch.Tensor], **sizes: int):
+        self.host = host
+        self.sizes = sizes
+        self._on: dict[torch.device, dict[str, torch.Tensor]] = {torch.device("cpu"): host}
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        d = self._on.get(device)
+        if d is None:
+            d = {k: v.to(device) for k, v in self.host.items()}
+            self._on[device] = d
+        return d
+
+    def __getattr__(self, name: str) -> int:
+        try:
+            return self.__dict__["sizes"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_TRIE_FIELDS = ("order", "rank", "first_symbol", "node_lo", "node_hi", "node_end", "child_start", "child_node",
+                "node_symbol")
+
+
+def _trie_tables(fields: dict[str, np.ndarray], n_symbols: int) -> _Tables:
+    def t(name, dtype):
+        return torch.from_numpy(np.array(fields[name], copy=True)).to(dtype)
+
+    host = {
+        "order": t("order", torch.int32),
+        "rank": t("rank", torch.int64),
+        "rank32": t("rank", torch.int32),
+        "group": t("first_symbol", torch.int32),
+        "node_lo": t("node_lo", torch.int64),
+        "node_hi": t("node_hi", torch.int64),
+        "node_end": t("node_end", torch.int64),
+        "child_start": t("child_start", torch.int64),
+        "child_node": t("child_node", torch.int64),
+        "node_symbol": t("node_symbol", torch.int64),
+    }
+    tables = _Tables(host, n_tokens=len(fields["rank"]), n_members=len(fields["order"]),
+                     n_nodes=len(fields["node_lo"]), n_symbols=n_symbols)
+    tables.nodes_np = tuple(np.ascontiguousarray(fields[f], dtype=np.int32) for f in (
+        "child_start", "child_node", "node_lo", "node_hi", "node_end", "node_symbol"))
+    return tables
+
+
+def _trie_fields_of(trie) -> dict[str, np.ndarray]:
+    out = {}
+    for f in _TRIE_FIELDS:
+        v = getattr(trie, f)
+        out[f] = np.asarray(v() if callable(v) else v)
+    return out
+
+
+def _byte_trie(vocab) -> _Tables:
+    """Teacher byte-trie tables of a Vocab, an AlignmentMap (its teacher side) or a trie object."""
+    cache = _cache_of(vocab)
+    tables = cache.get("byte_trie")
+    if tables is None:
+        if callable(getattr(vocab, "trie_arrays", None)):
+            fields = {f: np.asarray(a) for f, a in vocab.trie_arrays("teacher_trie").items()}
+        elif hasattr(vocab, "node_lo") and hasattr(vocab, "order"):
+            fields = _trie_fields_of(vocab)
+        elif hasattr(vocab, "trie"):
+            fields = _trie_fields_of(vocab.trie)
+        else:
+            raise TypeError(f"expected a Vocab, an AlignmentMap or a byte SequenceTrie, got {type(vocab).__name__}")
+        n_symbols = int(getattr(vocab, "n_symbols", 256) if hasattr(vocab, "node_lo") else 256)
+        if n_symbols != 256:
+            raise ValueError(f"expected a byte trie (256 symbols), got one over {n_symbols} symbols")
+        tables = cache["byte_trie"] = _trie_tables(fields, 256)
+    return tables
+
+
+def _map_tables(amap) -> tuple[_Tables, _Tables, _Tables]:
+    """(map tables, teacher byte trie, dec trie) of an AlignmentMap."""
+    if not (hasattr(amap, "first_student") and callable(getattr(amap, "trie_arrays", None))):
+        raise TypeError(f"expected an AlignmentMap (ctalign.build_map), got {type(amap).__name__}")
+    cache = _cache_of(amap)
+    tables = cache.get("map")
+    if tables is None:
+        first_student = np.asarray(amap.first_student)
+        cover_lo, cover_hi = np.asarray(amap.cover_lo), np.asarray(amap.cover_hi)
+        n_student = len(cover_lo)
+        host = {
+            "group": torch.from_numpy(np.array(first_student, copy=True)).to(torch.int32),
+            "cover_lo": torch.from_numpy(np.array(cover_lo, copy=True)).to(torch.int32).reshape(1, -1),
+            "cover_hi": torch.from_numpy(np.array(cover_hi, copy=True)).to(torch.int32).reshape(1, -1),
+        }
+        tables = cache["map"] = _Tables(host, n_teacher=len(first_student), n_student=n_student)
+        dec = {f: np.asarray(a) for f, a in amap.trie_arrays("dec_trie").items()}
+        cache["dec_trie"] = _trie_tables(dec, max(n_student, 1))
+    return tables, _byte_trie(amap), cache["dec_trie"]
+
+
+def _check_map_vocabs(op: str, amap, teacher, student) -> None:
+    for side, vocab, expected in (("teacher", teacher, getattr(amap, "teacher_fingerprint", None)),
+                                  ("student", student, getattr(amap, "student_fingerprint", None))):
+        if vocab is None or expected is None:
+            continue
+        got = getattr(vocab, "fingerprint", None)
+        if got != expected:
+            raise MapMismatchError(f"{op}: the map was built for another {side} vocabulary than "
+                                   f"{getattr(vocab, 'name', vocab)!r} (fingerprints differ)")
+
+
+# ---- generic grouped / range calls ---------------------------------------------------------------
+def _grouped(op: str, logits, n_tokens: int, what: str, tables: _Tables, n_groups: int, temperature) -> torch.Tensor:
+    global _last_backend
+    t = _check_temperature(op, temperature)
+    if isinstance(logits, TopK):
+        compiled = _compiled_topk(logits.indices) if isinstance(logits.indices, torch.Tensor) else False
+        idx, lp, lead = _topk_rows(op, logits, n_tokens, what, deep=not compiled)
+        group = tables.on(idx.device)["group"]
+        if compiled:
+            out = _compiled_call(op, _TopKGrouped.apply, lp, idx, n_tokens, group, n_groups, t)
+        else:
+            out = reference.topk_grouped_logmass(idx, lp, group, n_groups, t)
+        _last_backend = "topk"
+        return out.reshape(*lead, n_groups)
+    x, lead = _dense_rows(op, logits, n_tokens, what)
+    backend, name = _backend_for(x)
+    group = tables.on(x.device)["group"]
+    if backend is reference:
+        _check_rows_finite(op, x, n_tokens, None, None, name)
+        out, _ = reference.grouped_logmass(x, n_tokens, group, n_groups, t)
+    else:
+        out, lse = _GroupedLogmass.apply(x, backend, n_tokens, group, n_groups, t)
+        _check_rows_finite(op, x, n_tokens, lse, None, name)
+    _last_backend = name
+    return out.reshape(*lead, n_groups)
+
+
+def _ranges(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows, lo, hi, temperature):
+    """out [Q, C] (rows None: one query per row, Q = N) of range log masses over trie.order."""
+    global _last_backend
+    t = _check_temperature(op, temperature)
+    if isinstance(logits, TopK):
+        compiled = _compiled_topk(logits.indices) if isinstance(logits.indices, torch.Tensor) else False
+        idx, lp, _ = _topk_rows(op, logits, n_tokens, what, deep=not compiled)
+        tab = trie.on(idx.device)
+        lo, hi = lo.to(idx.device), hi.to(idx.device)
+        if compiled:
+            out = _compiled_call(op, _TopKRange.apply, lp, idx, n_tokens, tab["rank"], tab["rank32"], trie.n_members,
+                                 rows, lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), t)
+        else:
+            out = reference.topk_range_logmass(idx, lp, tab["rank"], trie.n_members, rows, lo, hi, t)
+        _last_backend = "topk"
+        return out
+    x, _ = _dense_rows(op, logits, n_tokens, what)
+    backend, name = _backend_for(x)
+    order = trie.on(x.device)["order"]
+    lo, hi = lo.to(x.device, torch.int32).contiguous(), hi.to(x.device, torch.int32).contiguous()
+    if backend is reference:
+        _check_rows_finite(op, x, n_tokens, None, rows, name)
+        out, _ = reference.range_logmass(x, n_tokens, order, rows, lo, hi, t)
+    else:
+        out, lse = _RangeLogmass.apply(x, backend, n_tokens, order, rows, lo, hi, t)
+        _check_rows_finite(op, x, n_tokens, lse, rows, name)
+    _last_backend = name
+    return out
+
+
+def _n_rows(op: str, logits, n_tokens: int, what: str) -> tuple[int, torch.device]:
+    if isinstance(logits, TopK):
+        idx = logits.indices
+        if not isinstance(idx, torch.Tensor) or idx.dim() < 1:
+            raise TypeError(f"{op}: TopK.indices must be a torch tensor [..., k]")
+        return int(np.prod(idx.shape[:-1])), idx.device
+    x, _ = _dense_rows(op, logits, n_tokens, what)
+    return x.shape[0], x.device
+
+
+def _child_ranges(trie: _Tables, nodes: torch.Tensor, scratch_column: int, compiled: bool = True):
+    """Compact child ranges of trie nodes: (lo, hi int32 [Q, K + 3], symbol int64 [Q, K], K).
+
+    Columns 0..K-1: the node's children in symbol order (K = most children among `nodes`; missing
+    ones are empty ranges with symbol `scratch_column`); K: end [node_lo, node_end); K + 1: the node
+    [node_lo, node_hi); K + 2: continuing [node_end, node_hi). Compiled for CPU node ids, torch ops
+    (on the nodes' device) otherwise."""
+    if compiled and nodes.device.type == "cpu" and hasattr(_cpu_backend._core, "compact_child_ranges"):
+        lo, hi, symbol = _cpu_backend._core.compact_child_ranges(*trie.nodes_np, nodes.numpy(), scratch_column)
+        return torch.from_numpy(lo), torch.from_numpy(hi), torch.from_numpy(symbol), symbol.shape[1]
+    tab = trie.on(nodes.device)
+    start = tab["child_start"][nodes]
+    count = tab["child_start"][nodes + 1] - start
+    k = int(count.max()) if nodes.numel() else 0
+    j = torch.arange(k, device=nodes.device)
+    valid = j[None, :] < count[:, None]
+    n_child = tab["child_node"].numel()
+    child = tab["child_node"][(start[:, None] + j[None, :]).clamp(max=max(n_child - 1, 0))] if k else \
+        torch.zeros(len(nodes), 0, dtype=torch.int64, device=nodes.device)
+    zero = torch.zeros_like(child)
+    kid_lo = torch.where(valid, tab["node_lo"][child], zero) if k else zero
+    kid_hi = torch.where(valid, tab["node_hi"][child], zero) if k else zero
+    symbol = torch.where(valid, tab["node_symbol"][child], torch.full_like(child, scratch_column)) if k else zero
+    n_lo, n_hi, n_end = tab["node_lo"][nodes, None], tab["node_hi"][nodes, None], tab["node_end"][nodes, None]
+    lo = torch.cat([kid_lo, n_lo, n_lo, n_end], dim=1).to(torch.int32)
+    hi = torch.cat([kid_hi, n_end, n_hi, n_hi], dim=1).to(torch.int32)
+    return lo, hi, symbol, k
+
+
+def _log_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num - den in log space, -inf where the denominator has no mass (never NaN)."""
+    ok = den > float("-inf")
+    return torch.where(ok, num - torch.where(ok, den, torch.zeros_like(den)), torch.full_like(num, float("-inf")))
+
+
+def _conditional(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows, nodes, node_name: str,
+                 temperature, drop_end: bool) -> torch.Tensor:
+    n_rows, device = _n_rows(op, logits, n_tokens, what)
+    rows_t = _index_arg(op, "rows", rows, n_rows, device, "logits rows")
+    nodes_t = _index_arg(op, node_name, nodes, trie.n_nodes, device, f"trie nodes, {trie.n_nodes} of them")
+    if rows_t.shape != nodes_t.shape:
+        raise ValueError(f"{op}: rows has {rows_t.numel()} entries but {node_name} has {nodes_t.numel()}")
+    n_sym = trie.n_symbols
+    width = n_sym if drop_end else n_sym + 1
+    lo, hi, symbol, k = _child_ranges(trie, nodes_t, width)
+    vals = _ranges(op, logits, n_tokens, what, trie, rows_t, lo, hi, temperature)
+    kids, end, own, cont = vals[:, :k], vals[:, k:k + 1], vals[:, k + 1:k + 2], vals[:, k + 2:k + 3]
+    q = vals.shape[0]
+    if drop_end:
+        index, src = symbol, _log_ratio(kids, cont)
+    else:
+        index = torch.cat([symbol, torch.full((q, 1), n_sym, dtype=torch.int64, device=vals.device)], dim=1)
+        src = torch.cat([_log_ratio(kids, own), _log_ratio(end, own)], dim=1)
+    out = torch.full((q, width + 1), float("-inf"), dtype=vals.dtype, device=vals.device)
+    return out.scatter(1, index.to(vals.device), src)[:, :width]
+
+
+# ---- public ops ----------------------------------------------------------------------------------
+def next_byte_logprobs(logits, vocab, *, temperature: float = 1.0) -> torch.Tensor:
+    """Next byte at a teacher token boundary: ``[..., 257]``, column b < 256 the log mass of the
+    tokens whose bytes start with b, column 256 (``end``) the special tokens'.
+
+    ``vocab``: the teacher :class:`~ctalign.vocab.Vocab` (its byte trie), an AlignmentMap (its
+    teacher side) or a byte ``SequenceTrie``. ``logits``: ``[..., W >= len(vocab)]`` or a TopK."""
+    op = "next_byte_logprobs"
+    trie = _byte_trie(vocab)
+    return _grouped(op, logits, trie.n_tokens, "the vocabulary", trie, 257, temperature)
+
+
+def byte_conditional_logprobs(logits, vocab, rows, prefixes, *, temperature: float = 1.0,
+                              drop_end: bool = False) -> torch.Tensor:
+    """Next byte inside a teacher token, one row per query: ``[Q, 257]``.
+
+    Query q reads logits row ``rows[q]`` (of the logits flattened to ``[N, W]``) and the byte prefix
+    ``prefixes[q]`` (a node id of the teacher byte trie, e.g. ``vocab.trie.lookup(b"hel")``):
+    ``out[q, b] = log mass(prefix + b) - log mass(prefix)``, ``out[q, 256] = log ended(prefix) -
+    log mass(prefix)`` (``end``: tokens whose bytes equal the prefix). At the root (node 0) this is
+    the next byte given that the token has bytes (specials excluded; :func:`next_byte_logprobs`
+    keeps them in ``end``). A prefix with zero mass gives a row of ``-inf``.
+
+    ``drop_end=True`` gives BLD's byte targets: ``[Q, 256]``, renormalised over the tokens that
+    continue past the prefix (``log mass(prefix + b) - log (mass(prefix) - ended(prefix))``); it drops
+    the tokens that end exactly at the prefix, whose continuation needs the next teacher step."""
+    op = "byte_conditional_logprobs"
+    trie = _byte_trie(vocab)
+    return _conditional(op, logits, trie.n_tokens, "the vocabulary", trie, rows, prefixes, "prefixes",
+                        temperature, bool(drop_end))
+
+
+def project_to_student(logits, amap, *, temperature: float = 1.0, teacher=None, student=None) -> torch.Tensor:
+    """Next student token at a teacher boundary: ``[..., V_s + 1]``, ``q(s) = sum_{dec_S(t)[0] = s} p(t)``;
+    teacher specials go to the student special of their role, else to the last column (``end``).
+
+    ``teacher`` / ``student``: optional vocabularies to check the map against (fingerprints)."""
+    op = "project_to_student"
+    maps, _, _ = _map_tables(amap)
+    _check_map_vocabs(op, amap, teacher, student)
+    return _grouped(op, logits, maps.n_teacher, "the map's teacher vocabulary", maps, maps.n_student + 1,
+                    temperature)
+
+
+def project_to_student_within(logits, amap, rows, consumed, *, temperature: float = 1.0, teacher=None,
+                              student=None) -> torch.Tensor:
+    """Next student piece inside a teacher token: ``[Q, V_s + 1]``. Query q reads logits row
+    ``rows[q]`` and ``consumed[q]``, a node of the map's dec trie (the student pieces already
+    consumed inside the teacher token): ``out[q, s] = log mass_dec(consumed + s) - log
+    mass_dec(consumed)``, ``out[q, V_s]`` the tokens whose dec_S equals ``consumed`` (``end``)."""
+    op = "project_to_student_within"
+    maps, _, dec = _map_tables(amap)
+    _check_map_vocabs(op, amap, teacher, student)
+    return _conditional(op, logits, maps.n_teacher, "the map's teacher vocabulary", dec, rows, consumed,
+                        "consumed", temperature, False)
+
+
+def cover_logmass(logits, amap, *, temperature: float = 1.0, teacher=None, student=None) -> torch.Tensor:
+    """``[..., V_s]``: log mass of the teacher tokens whose bytes start with each student token's bytes
+    (``-inf`` for student specials and student tokens that prefix no teacher token)."""
+    op = "cover_logmass"
+    maps, byte_trie, _ = _map_tables(amap)
+    _check_map_vocabs(op, amap, teacher, student)
+    if isinstance(logits, TopK):
+        lead = tuple(logits.indices.shape[:-1]) if isinstance(logits.indices, torch.Tensor) else ()
+    else:
+        _, lead = _dense_rows(op, logits, maps.n_teacher, "the map's teacher vocabulary")
+    device = logits.indices.device if isinstance(logits, TopK) else logits.device
+    tab = maps.on(device)
+    out = _ranges(op, logits, maps.n_teacher, "the map's teacher vocabulary", byte_trie, None,
+                  tab["cover_lo"], tab["cover_hi"], temperature)
+    return out.reshape(*lead, maps.n_student)

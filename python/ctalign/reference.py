@@ -1,0 +1,170 @@
+"""Pure-torch reference of the projection kernels: any device, autograd by torch itself.
+
+These functions have the signatures of the compiled backends (``docs/ARCHITECTURE.md``, "Kernel
+backends"), so :mod:`ctalign.ops` can serve any tensor on any device with them, and the tests compare
+the compiled kernels against them. Each is also a good pure-torch formulation (vectorised, no Python
+loop over the vocabulary): a softmax, then ``index_add``/``scatter_add`` for groups and a ``cumsum``
+over the trie's sorted order for ranges.
+
+Numerics: ``x / T``, the softmax and every sum in float64 (``accumulate=torch.float32`` gives the
+fastest formulation instead: float32 softmax and sums, for benchmarks and large CUDA fallbacks).
+A range whose prefix-sum difference is below 2^-23 of its prefix is re-summed directly, as in the
+kernels, so small masses keep their relative precision. Zero mass gives ``-inf`` (and no gradient);
+nothing here produces NaN for finite input. Outputs are float32 (float64 for float64 logits).
+
+Sparse rows (:func:`topk_grouped_logmass`, :func:`topk_range_logmass`) take the ``k`` kept entries
+of each row as ``(indices, logprobs)`` and cost O(k log k) per row plus the output size. Their
+log-probabilities are used as given: the missing tail is not renormalised, so a row's outputs sum to
+the kept mass. A temperature ``T`` reshapes the kept entries while keeping their total mass:
+``lp_T = lp / T - logsumexp(lp / T) + logsumexp(lp)``, which equals the dense path when ``k`` covers
+the vocabulary.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "available", "grouped_logmass", "range_logmass", "topk_grouped_logmass", "topk_range_logmass",
+    "safe_log", "tempered_logprobs", "DIRECT_SUM_BELOW",
+]
+
+#: A range mass below this share of its prefix sum is summed directly (kernels use the same rule).
+DIRECT_SUM_BELOW = 2.0 ** -23
+
+
+def available() -> bool:
+    """Always True: the reference runs wherever torch does."""
+    return True
+
+
+def safe_log(mass: torch.Tensor) -> torch.Tensor:
+    """log(mass) with exactly -inf where mass <= 0, and no NaN in the gradient there."""
+    positive = mass > 0
+    return torch.where(positive, torch.where(positive, mass, torch.ones_like(mass)).log(),
+                       torch.full_like(mass, float("-inf")))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scaled(logits: torch.Tensor, vocab_size: int, temperature: float, accumulate: torch.dtype) -> torch.Tensor:
+    """x / T in float64 when accumulating in float64 (exact for any input dtype), else float32."""
+    dtype = torch.float64 if accumulate == torch.float64 else _compute_dtype(logits.dtype)
+    x = logits[:, :vocab_size].to(dtype)
+    return x / temperature if temperature != 1.0 else x
+
+
+def _probabilities(x: torch.Tensor, accumulate: torch.dtype) -> torch.Tensor:
+    """softmax(x) in `accumulate`; in float64 through log_softmax, so tiny probabilities survive."""
+    if accumulate == torch.float64:
+        return torch.log_softmax(x, dim=-1).to(torch.float64).exp()
+    return torch.softmax(x, dim=-1).to(accumulate)
+
+
+def grouped_logmass(logits: torch.Tensor, vocab_size: int, group: torch.Tensor, n_groups: int,
+                    temperature: float = 1.0, *, accumulate: torch.dtype = torch.float64):
+    """``(out [N, G], lse [N])``: ``out[r, g] = log sum_{group[t] = g} softmax(x_r / T)[t]``."""
+    x = _scaled(logits, vocab_size, temperature, accumulate)
+    out_dtype = _compute_dtype(logits.dtype)
+    lse = torch.logsumexp(x, dim=-1)
+    p = _probabilities(x, accumulate)
+    mass = torch.zeros(x.shape[0], n_groups, dtype=accumulate, device=x.device)
+    mass = mass.scatter_add(1, group.to(x.device, torch.int64).expand(x.shape[0], -1), p)
+    return safe_log(mass).to(out_dtype), lse.to(out_dtype)
+
+
+def _range_sums(values: torch.Tensor, row_of_query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Sums of ``values[row_of_query[q], lo[q, c]:hi[q, c]]`` (float64 [Q, C]): prefix differences,
+    re-summed directly where the difference is below DIRECT_SUM_BELOW of its prefix."""
+    n_rows = values.shape[0]
+    prefix = torch.cat([values.new_zeros(n_rows, 1), values.cumsum(dim=-1)], dim=-1)
+    q = row_of_query[:, None]
+    s_lo, s_hi = prefix[q, lo], prefix[q, hi]
+    mass = s_hi - s_lo
+    small = (hi > lo) & (mass < DIRECT_SUM_BELOW * s_hi)
+    if bool(small.any()):
+        qi, ci = small.nonzero(as_tuple=True)
+        a, b = lo[qi, ci], hi[qi, ci]
+        lengths = b - a
+        segment = torch.repeat_interleave(torch.arange(len(a), device=values.device), lengths)
+        starts = torch.cumsum(lengths, 0) - lengths
+        position = a[segment] + torch.arange(segment.numel(), device=values.device) - starts[segment]
+        direct = values.new_zeros(len(a)).index_add(0, segment, values[row_of_query[qi][segment], position])
+        mass = mass.index_put((qi, ci), direct)
+    return mass
+
+
+def range_logmass(logits: torch.Tensor, vocab_size: int, order: torch.Tensor, rows: torch.Tensor | None,
+                  lo: torch.Tensor, hi: torch.Tensor, temperature: float = 1.0,
+                  *, accumulate: torch.dtype = torch.float64):
+    """``(out [Q, C], lse [N])``: ``out[q, c] = log sum_{i in [lo, hi)} softmax(x_{rows q} / T)[order[i]]``.
+
+    ``rows`` None means one query per row; ``lo``/``hi`` are ``[Q, C]`` or ``[1, C]`` (shared).
+    Only the rows some query reads are exponentiated."""
+    x = _scaled(logits, vocab_size, temperature, accumulate)
+    out_dtype = _compute_dtype(logits.dtype)
+    device = x.device
+    lse = torch.logsumexp(x, dim=-1)
+    if rows is None:
+        rows = torch.arange(x.shape[0], device=device)
+    rows = rows.to(device, torch.int64)
+    used, row_of_query = torch.unique(rows, return_inverse=True)
+    p = _probabilities(x[used], accumulate)
+    in_order = p[:, order.to(device, torch.int64)]
+    n_queries = rows.shape[0]
+    lo = lo.to(device, torch.int64).expand(n_queries, -1)
+    hi = hi.to(device, torch.int64).expand(n_queries, -1)
+    mass = _range_sums(in_order, row_of_query, lo, hi)
+    return safe_log(mass).to(out_dtype), lse.to(out_dtype)
+
+
+def tempered_logprobs(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Kept log-probabilities at temperature T with their total mass unchanged (see module doc)."""
+    if temperature == 1.0:
+        return logprobs
+    scaled = logprobs / temperature
+    kept = torch.logsumexp(logprobs, dim=-1, keepdim=True)
+    norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    finite = torch.isfinite(kept)
+    shifted = scaled - torch.where(finite, norm, torch.zeros_like(norm)) + torch.where(finite, kept, torch.zeros_like(kept))
+    return torch.where(finite, shifted, torch.full_like(scaled, float("-inf")))
+
+
+def _topk_probs(logprobs: torch.Tensor, temperature: float):
+    lp = tempered_logprobs(logprobs.to(torch.float64), temperature)
+    return lp.exp(), _compute_dtype(logprobs.dtype)
+
+
+def topk_grouped_logmass(indices: torch.Tensor, logprobs: torch.Tensor, group: torch.Tensor, n_groups: int,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """``out [N, G]`` from the kept entries of each row: ``log sum_{j: group[indices j] = g} p_j``."""
+    p, out_dtype = _topk_probs(logprobs, temperature)
+    g = group.to(indices.device, torch.int64)[indices]
+    mass = torch.zeros(p.shape[0], n_groups, dtype=torch.float64, device=p.device).scatter_add(1, g, p)
+    return safe_log(mass).to(out_dtype)
+
+
+def topk_range_logmass(indices: torch.Tensor, logprobs: torch.Tensor, rank: torch.Tensor, order_size: int,
+                       rows: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """``out [Q, C]`` from the kept entries: the mass of entries whose ``rank`` (position in the sorted
+    order, -1 for tokens outside it) lies in ``[lo, hi)``. Entries are sorted by rank per row, summed
+    with a cumsum, and ranges located with ``searchsorted``: O(k log k) per row plus O(C log k) per query."""
+    p, out_dtype = _topk_probs(logprobs, temperature)
+    device = p.device
+    r = rank.to(device, torch.int64)[indices]
+    r = torch.where(r < 0, torch.full_like(r, order_size), r)  # outside every range
+    r_sorted, perm = torch.sort(r, dim=-1)
+    p_sorted = p.gather(-1, perm)
+    if rows is None:
+        rows = torch.arange(p.shape[0], device=device)
+    rows = rows.to(device, torch.int64)
+    n_queries = rows.shape[0]
+    lo = lo.to(device, torch.int64).expand(n_queries, -1).contiguous()
+    hi = hi.to(device, torch.int64).expand(n_queries, -1).contiguous()
+    keys = r_sorted[rows]
+    a = torch.searchsorted(keys, lo)
+    b = torch.searchsorted(keys, hi)
+    mass = _range_sums(p_sorted, rows, a, b)
+    return safe_log(mass).to(out_dtype)

@@ -1,0 +1,591 @@
+"""Projection ops (ctalign.ops) on real tokenizer pairs: brute force, pure-torch reference, compiled
+CPU kernels, sparse rows, telescoping, autograd, dtypes, padding, temperature and bad input.
+
+Pairs (three families): SentencePiece BPE -> byte-level BPE (mistral-v1 -> llama3), tiktoken ->
+byte-level BPE (qwen -> deepseek-v3), byte-level BPE -> its shrunk first-merges student (llama3 ->
+4000 tokens, the subset regime). gradcheck runs on the small real botchan models.
+"""
+from __future__ import annotations
+
+import math
+
+import _brute_force as bf
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from ctalign import _core, _cpu_backend, ops
+from ctalign.errors import MapMismatchError
+from ctalign.ops import TopK
+
+PAIRS = {
+    "spm->bbpe": ("mistral-v1", "llama3"),
+    "tiktoken->bbpe": ("qwen", "deepseek-v3"),
+    "bpe->shrunk": ("llama3", "llama3-shrunk"),
+}
+TOL = 1e-5
+PAD = 7  # extra logits columns (a padded output layer)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def shrunk_llama3(tmp_path_factory, load_test_vocab):
+    from ctalign.shrink import shrink_vocab
+    from ctalign.vocab import load_vocab
+    out = tmp_path_factory.mktemp("shrunk-llama3")
+    shrink_vocab(load_test_vocab("llama3"), 4000, out)
+    return load_vocab(out, name="llama3-shrunk")
+
+
+@pytest.fixture(scope="session")
+def vocab_of(load_test_vocab, shrunk_llama3):
+    return lambda name: shrunk_llama3 if name == "llama3-shrunk" else load_test_vocab(name)
+
+
+@pytest.fixture(scope="session")
+def map_of(vocab_of):
+    from ctalign import build_map
+    cache = {}
+
+    def get(teacher: str, student: str):
+        if (teacher, student) not in cache:
+            cache[teacher, student] = build_map(vocab_of(teacher), vocab_of(student))
+        return cache[teacher, student]
+    return get
+
+
+@pytest.fixture(scope="session")
+def small(map_of, vocab_of):
+    """The small real pair for gradcheck: botchan BPE 1k -> botchan Unigram 1k."""
+    return vocab_of("botchan-bpe"), vocab_of("botchan-unigram"), map_of("botchan-bpe", "botchan-unigram")
+
+
+@pytest.fixture(params=list(PAIRS), scope="module")
+def pair(request, vocab_of, map_of):
+    t, s = PAIRS[request.param]
+    return vocab_of(t), vocab_of(s), map_of(t, s)
+
+
+@pytest.fixture(scope="session")
+def text_tokens(corpus_text, botchan_text):
+    """Teacher tokens of real text, per vocabulary: (ids) a sample of 48 positions with bytes."""
+    cache = {}
+
+    def get(vocab, n=48, seed=0):
+        key = (vocab.name, n, seed)
+        if key not in cache:
+            ids = vocab.encode(botchan_text[:3000] + corpus_text[:3000])
+            ids = [t for t in ids if vocab.token_bytes(t)]
+            rng = np.random.default_rng(seed)
+            cache[key] = [int(t) for t in rng.choice(ids, size=n, replace=False)]
+        return cache[key]
+    return get
+
+
+def logits_for(n_rows: int, vocab_size: int, *, scale: float = 3.0, seed: int = 0, pad: int = PAD,
+               dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_rows, vocab_size + pad, generator=g) * scale
+    x[:, vocab_size:] = float("nan")  # padding columns are never read
+    return x.to(dtype)
+
+
+def log_softmax64(x: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> torch.Tensor:
+    return torch.log_softmax(x[..., :vocab_size].double() / temperature, dim=-1)
+
+
+FLOOR = -120.0  # kernels count mass below ~e^-151 of a row's top token as zero (float exp range)
+
+
+def assert_logs_close(got, want, tol=TOL, what=""):
+    """Same -inf pattern and |got - want| <= tol + 2e-7 |want| (float32 outputs of large magnitude
+    carry their ulp). Values below FLOOR on both sides count as equal (-inf or tiny)."""
+    got = torch.as_tensor(np.asarray(got, dtype=np.float64) if not isinstance(got, torch.Tensor) else got).double()
+    want = torch.as_tensor(np.asarray(want, dtype=np.float64) if not isinstance(want, torch.Tensor) else want).double()
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert not torch.isnan(got).any(), f"{what}: NaN in output"
+    below = (got < FLOOR) & (want < FLOOR)
+    inf_got, inf_want = torch.isneginf(got) & ~below, torch.isneginf(want) & ~below
+    assert torch.equal(inf_got, inf_want), f"{what}: -inf at different places ({int((inf_got ^ inf_want).sum())})"
+    finite = ~inf_got & ~below
+    if finite.any():
+        err = ((got[finite] - want[finite]).abs() - 2e-7 * want[finite].abs()).max().item()
+        assert err <= tol, f"{what}: max abs error {err:.3g} > {tol}"
+
+
+def reference_of(fn, *args, **kw):
+    with ops.force_backend("reference"):
+        out = fn(*args, **kw)
+        assert ops.last_backend() == "reference"
+    return out
+
+
+def same_sequence_logprob(x, vocab_size, tokens, ids_with, sequence_of) -> torch.Tensor:
+    """log of p(t) summed over the ids whose sequence equals t's (SentencePiece keeps "\u2581" and
+    <0x20> both; two teacher tokens may share a dec_S): what the conditionals telescope to."""
+    lp = log_softmax64(x, vocab_size)
+    return torch.stack([torch.logsumexp(lp[r, ids_with(sequence_of(t))], 0) for r, t in enumerate(tokens)])
+
+
+def node_prefixes(vocab, tokens) -> list[bytes]:
+    """Every proper and full byte prefix of the given tokens (the conditionals' queries)."""
+    out = []
+    for t in tokens:
+        b = vocab.token_bytes(t)
+        out += [b[:i] for i in range(1, len(b) + 1)]
+    return out
+
+
+# ---- teacher side: bytes -------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mistral-v1", "qwen", "llama3"])
+def test_next_byte_equals_brute_force_and_reference(name, vocab_of):
+    vocab = vocab_of(name)
+    V = len(vocab)
+    x = logits_for(4, V, seed=1)
+    out = ops.next_byte_logprobs(x, vocab)
+    assert ops.last_backend() == "cpu"
+    assert out.shape == (4, 257) and out.dtype == torch.float32
+    assert_logs_close(out, reference_of(ops.next_byte_logprobs, x, vocab), what="reference")
+    assert_logs_close(out[0], bf.next_byte(bf.softmax64(x[0], V), vocab), what="brute force")
+    assert (out.double().exp().sum(-1) - 1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mistral-v1", "qwen"])
+def test_byte_conditionals_equal_brute_force_and_reference(name, vocab_of, text_tokens):
+    vocab = vocab_of(name)
+    V, trie = len(vocab), vocab.trie
+    prefixes = [b""] + node_prefixes(vocab, text_tokens(vocab, 12))
+    nodes = [trie.lookup(p) for p in prefixes]
+    rows = [i % 3 for i in range(len(nodes))]
+    x = logits_for(3, V, seed=2)
+    for drop_end in (False, True):
+        out = ops.byte_conditional_logprobs(x, vocab, rows, nodes, drop_end=drop_end)
+        assert out.shape == (len(nodes), 256 if drop_end else 257)
+        ref = reference_of(ops.byte_conditional_logprobs, x, vocab, rows, nodes, drop_end=drop_end)
+        assert_logs_close(out, ref, what=f"reference drop_end={drop_end}")
+        sums = out.double().exp().sum(-1)
+        has_mass = torch.isfinite(out).any(-1)  # drop_end: a leaf prefix has no continuing tokens
+        assert (sums[has_mass] - 1).abs().max() < 1e-5 and (sums[~has_mass] == 0).all()
+        masses = bf.byte_masses(bf.softmax64(x[0], V), vocab)
+        for q in [i for i in range(len(nodes)) if rows[i] == 0][:8]:
+            assert_logs_close(out[q], bf.byte_conditional(masses, prefixes[q], drop_end),
+                              what=f"brute force {prefixes[q]!r} drop_end={drop_end}")
+
+
+@pytest.mark.parametrize("name", ["mistral-v1", "qwen", "llama3", "deepseek-v3"])
+def test_byte_conditionals_telescope_to_token_probability(name, vocab_of, text_tokens):
+    """next_byte(b1) + sum_i cond(b<i)[b_i] + cond(bytes(t))[end] = log p(t), for real text tokens."""
+    vocab = vocab_of(name)
+    V, trie = len(vocab), vocab.trie
+    tokens = text_tokens(vocab)
+    x = logits_for(len(tokens), V, seed=3, scale=4.0)
+    first = ops.next_byte_logprobs(x, vocab)
+    rows, nodes, cols, owner = [], [], [], []
+    for r, t in enumerate(tokens):
+        b = vocab.token_bytes(t)
+        for i in range(1, len(b) + 1):
+            rows.append(r)
+            nodes.append(trie.lookup(b[:i]))
+            cols.append(b[i] if i < len(b) else 256)
+            owner.append(r)
+    cond = ops.byte_conditional_logprobs(x, vocab, rows, nodes)
+    picked = cond[torch.arange(len(cols)), torch.tensor(cols)].double()
+    total = torch.zeros(len(tokens), dtype=torch.float64).index_add(0, torch.tensor(owner), picked)
+    total += first[torch.arange(len(tokens)), torch.tensor([vocab.token_bytes(t)[0] for t in tokens])].double()
+    assert (total - same_sequence_logprob(x, V, tokens, vocab.ids_of_bytes, vocab.token_bytes)).abs().max() < TOL
+
+
+# ---- map side: student pieces --------------------------------------------------------------------
+def test_project_to_student_equals_brute_force_and_reference(pair):
+    teacher, student, amap = pair
+    V = len(teacher)
+    x = logits_for(3, V, seed=4)
+    out = ops.project_to_student(x, amap)
+    assert out.shape == (3, len(student) + 1)
+    assert_logs_close(out, reference_of(ops.project_to_student, x, amap), what="reference")
+    decs = bf.dec_sequences(amap)
+    assert_logs_close(out[0], bf.project_to_student(bf.softmax64(x[0], V), amap, teacher, student, decs), what="brute force")
+    assert (out.double().exp().sum(-1) - 1).abs().max() < 1e-5
+
+
+def test_cover_logmass_equals_brute_force_and_reference(pair):
+    teacher, student, amap = pair
+    V = len(teacher)
+    x = logits_for(2, V, seed=5)
+    out = ops.cover_logmass(x, amap)
+    assert out.shape == (2, len(student))
+    assert_logs_close(out, reference_of(ops.cover_logmass, x, amap), what="reference")
+    masses = bf.byte_masses(bf.softmax64(x[1], V), teacher)
+    assert_logs_close(out[1], bf.cover(masses, student), what="brute force")
+
+
+def test_project_within_telescopes_and_equals_brute_force(pair, text_tokens):
+    """project_to_student(d1) + sum_i within(d<i)[d_i] + within(dec_S(t))[end] = log p(t)."""
+    teacher, student, amap = pair
+    V, Vs, dec_trie = len(teacher), len(student), amap.dec_trie
+    tokens = text_tokens(teacher, 24, seed=1)
+    x = logits_for(len(tokens), V, seed=6, scale=4.0)
+    first = ops.project_to_student(x, amap)
+    rows, nodes, cols, owner, prefixes = [], [], [], [], []
+    for r, t in enumerate(tokens):
+        d = amap.dec(t)
+        for i in range(1, len(d) + 1):
+            rows.append(r)
+            nodes.append(dec_trie.lookup(d[:i]))
+            prefixes.append(tuple(d[:i]))
+            cols.append(d[i] if i < len(d) else Vs)
+            owner.append(r)
+    within = ops.project_to_student_within(x, amap, rows, nodes)
+    assert within.shape == (len(nodes), Vs + 1)
+    assert (within.double().exp().sum(-1) - 1).abs().max() < 1e-5
+    picked = within[torch.arange(len(cols)), torch.tensor(cols)].double()
+    total = torch.zeros(len(tokens), dtype=torch.float64).index_add(0, torch.tensor(owner), picked)
+    total += first[torch.arange(len(tokens)), torch.tensor([amap.dec(t)[0] for t in tokens])].double()
+    by_dec = {}
+    for t in range(V):
+        by_dec.setdefault(tuple(amap.dec(t)), []).append(t)
+    want = same_sequence_logprob(x, V, tokens, lambda d: by_dec[d], lambda t: tuple(amap.dec(t)))
+    assert (total - want).abs().max() < TOL
+    # reference on every query, brute force on a few of row 0's
+    assert_logs_close(within, reference_of(ops.project_to_student_within, x, amap, rows, nodes), what="reference")
+    masses = bf.dec_masses(bf.softmax64(x[0], V), bf.dec_sequences(amap))
+    for q in [i for i in range(len(rows)) if rows[i] == 0][:3]:
+        assert_logs_close(within[q], bf.project_within(masses, prefixes[q], Vs), what=f"brute force {prefixes[q]}")
+
+
+def test_conditionals_at_the_root_exclude_specials(pair):
+    teacher, _, amap = pair
+    x = logits_for(1, len(teacher), seed=7)
+    root = ops.byte_conditional_logprobs(x, teacher, [0], [0])
+    first = ops.next_byte_logprobs(x, teacher)
+    with_bytes = torch.logsumexp(first[0, :256].double(), 0)
+    assert_logs_close(root[0, :256], first[0, :256].double() - with_bytes, what="root")
+    assert torch.isneginf(root[0, 256])
+
+
+# ---- sparse rows ---------------------------------------------------------------------------------
+def test_sparse_rows_equal_dense_when_k_covers_the_vocabulary(pair, text_tokens):
+    teacher, _, amap = pair
+    V, trie = len(teacher), teacher.trie
+    x = logits_for(2, V, seed=8, pad=0)
+    lp = torch.log_softmax(x.double(), -1).float()
+    perm = torch.stack([torch.randperm(V, generator=torch.Generator().manual_seed(r)) for r in range(2)])
+    topk = TopK(perm, lp.gather(1, perm))
+    nodes = [trie.lookup(p) for p in node_prefixes(teacher, text_tokens(teacher, 4))]
+    rows = [i % 2 for i in range(len(nodes))]
+    dec_nodes = [amap.dec_trie.lookup(amap.dec(t)[:1]) for t in text_tokens(teacher, 4)]
+    for op, args in ((ops.next_byte_logprobs, (teacher,)), (ops.project_to_student, (amap,)),
+                     (ops.cover_logmass, (amap,)), (ops.byte_conditional_logprobs, (teacher, rows, nodes)),
+                     (ops.project_to_student_within, (amap, [0, 1, 0, 1], dec_nodes))):
+        dense = op(x, *args)
+        for backend in (None, "reference"):  # compiled sparse rows on CPU, and the pure-torch path
+            with ops.force_backend(backend):
+                sparse = op(topk, *args)
+            assert ops.last_backend() == "topk"
+            assert_logs_close(sparse, dense, what=f"{op.__name__} {backend}")
+
+
+def test_sparse_rows_use_the_kept_mass_as_given(vocab_of):
+    vocab = vocab_of("mistral-v1")
+    V = len(vocab)
+    x = logits_for(1, V, seed=9, pad=0)
+    lp = torch.log_softmax(x.double(), -1)
+    top = torch.topk(lp, 64, dim=-1)
+    out = ops.next_byte_logprobs(TopK(top.indices, top.values.float()), vocab)
+    kept = np.zeros(V)
+    kept[top.indices[0].numpy()] = top.values[0].exp().numpy()
+    assert_logs_close(out[0], bf.next_byte(kept, vocab), what="kept mass")
+    assert abs(out.double().exp().sum().item() - kept.sum()) < 1e-6  # no renormalisation
+
+
+def test_sparse_rows_with_temperature_keep_their_mass(vocab_of):
+    vocab = vocab_of("botchan-bpe")
+    V = len(vocab)
+    x = logits_for(2, V, seed=10, pad=0)
+    full = TopK(torch.arange(V).expand(2, V), torch.log_softmax(x.double(), -1).float())
+    assert_logs_close(ops.next_byte_logprobs(full, vocab, temperature=0.7),
+                      ops.next_byte_logprobs(x, vocab, temperature=0.7), what="k = V")
+    top = torch.topk(x, 50, -1)
+    sparse = TopK(top.indices, torch.log_softmax(x, -1).gather(1, top.indices))
+    kept = torch.logsumexp(sparse.logprobs.double(), -1)
+    hot = ops.next_byte_logprobs(sparse, vocab, temperature=2.0)
+    assert torch.allclose(torch.logsumexp(hot.double(), -1), kept, atol=1e-6)
+
+
+# ---- autograd ------------------------------------------------------------------------------------
+def _finite_part(fn, x):
+    """fn restricted to the outputs that are finite at x (gradcheck cannot difference -inf)."""
+    with torch.no_grad():
+        mask = torch.isfinite(fn(x))
+    return lambda y: fn(y)[mask]
+
+
+def test_gradcheck_float64_on_real_small_vocabularies(small):
+    teacher, _, amap = small
+    V = len(teacher)
+    trie, dec_trie = teacher.trie, amap.dec_trie
+    toks = [t for t in teacher.encode("the cat sat on a mat") if teacher.token_bytes(t)]
+    nodes = [trie.lookup(p) for p in node_prefixes(teacher, toks)][:6]
+    dec_nodes = [dec_trie.lookup(amap.dec(t)[:1]) for t in toks][:3]
+    x = logits_for(2, V, seed=11, pad=3, dtype=torch.float64).nan_to_num(0.0).requires_grad_()
+    fns = {
+        "next_byte": lambda y: ops.next_byte_logprobs(y, teacher),
+        "conditional": lambda y: ops.byte_conditional_logprobs(y, teacher, [0, 1, 0, 1, 0, 1][:len(nodes)], nodes),
+        "bld targets": lambda y: ops.byte_conditional_logprobs(y, teacher, [1] * len(nodes), nodes, drop_end=True,
+                                                               temperature=1.5),
+        "project": lambda y: ops.project_to_student(y, amap, temperature=0.8),
+        "within": lambda y: ops.project_to_student_within(y, amap, [0, 1, 1][:len(dec_nodes)], dec_nodes),
+        "cover": lambda y: ops.cover_logmass(y, amap),
+    }
+    for backend in ("cpu", "reference"):
+        with ops.force_backend(backend):
+            for name, fn in fns.items():
+                assert torch.autograd.gradcheck(_finite_part(fn, x), (x,), fast_mode=True), f"{backend} {name}"
+    idx = torch.stack([torch.randperm(V, generator=torch.Generator().manual_seed(r))[:40] for r in range(2)])
+    lp = torch.log_softmax(x.detach(), -1).gather(1, idx).requires_grad_()
+    for name, fn in (("topk project", lambda y: ops.project_to_student(TopK(idx, y), amap, temperature=0.5)),
+                     ("topk conditional", lambda y: ops.byte_conditional_logprobs(TopK(idx, y), teacher, [0, 1], nodes[:2]))):
+        assert torch.autograd.gradcheck(_finite_part(fn, lp), (lp,), fast_mode=True), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_gradients_equal_reference_gradients(small, vocab_of, dtype):
+    """The backends' backward (fp32/bf16 kernels) against torch autograd through the reference."""
+    teacher = vocab_of("qwen")
+    V, trie = len(teacher), teacher.trie
+    x = logits_for(11, V, seed=12, dtype=dtype).nan_to_num(0.0)  # a block of eight rows and three single rows
+    nodes = [trie.lookup(p) for p in (b" the", b" t", b"in", b"")]
+    weights = torch.randn(15, 257, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for backend in ("cpu", "reference"):
+        y = x.clone().requires_grad_()
+        with ops.force_backend(backend):
+            a = ops.next_byte_logprobs(y, teacher, temperature=1.3)
+            b = ops.byte_conditional_logprobs(y, teacher, [0, 2, 2, 1], nodes)
+        loss = (a.masked_fill(torch.isinf(a), 0) * weights[:11]).sum() + (b.masked_fill(torch.isinf(b), 0) * weights[11:]).sum()
+        loss.backward()
+        assert y.grad.dtype == dtype and y.grad.shape == x.shape
+        assert (y.grad[:, V:] == 0).all()
+        grads.append(y.grad.double())
+    scale = grads[1].abs().max().item()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (grads[0] - grads[1]).abs().max().item() <= tol * max(scale, 1.0)
+
+
+def test_map_op_gradients_equal_reference_gradients(pair, text_tokens):
+    teacher, _, amap = pair
+    V = len(teacher)
+    x = logits_for(9, V, seed=20).nan_to_num(0.0)
+    toks = text_tokens(teacher, 6, seed=2)
+    consumed = [amap.dec_trie.lookup(amap.dec(t)[:1]) for t in toks]
+    grads = []
+    for backend in ("cpu", "reference"):
+        y = x.clone().requires_grad_()
+        with ops.force_backend(backend):
+            outs = (ops.project_to_student(y, amap, temperature=0.9), ops.cover_logmass(y[:3], amap),
+                    ops.project_to_student_within(y, amap, [0, 8, 8, 1, 2, 3], consumed))
+        loss = sum((o.masked_fill(torch.isinf(o), 0) * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs)
+        loss.backward()
+        grads.append(y.grad.double())
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-5 * max(grads[1].abs().max().item(), 1.0)
+
+
+# ---- dtypes, padding, shapes, temperature, instruction sets --------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(pair, dtype):
+    teacher, _, amap = pair
+    x = logits_for(3, len(teacher), seed=13, dtype=dtype)
+    for op, arg in ((ops.next_byte_logprobs, teacher), (ops.project_to_student, amap), (ops.cover_logmass, amap)):
+        out = op(x, arg)
+        assert out.dtype == torch.float32
+        assert_logs_close(out, reference_of(op, x.float(), arg), what=f"{op.__name__} {dtype}")
+
+
+def test_leading_dimensions_padding_and_strides(vocab_of):
+    vocab = vocab_of("mistral-v1")
+    V = len(vocab)
+    x = logits_for(6, V, seed=14, pad=100).reshape(2, 3, V + 100)
+    out = ops.next_byte_logprobs(x, vocab)
+    assert out.shape == (2, 3, 257)
+    flat = ops.next_byte_logprobs(x.reshape(6, -1)[:, :V].contiguous(), vocab)
+    assert torch.equal(out.reshape(6, 257), flat)
+    strided = torch.cat([x.reshape(6, -1), x.reshape(6, -1)], dim=1)[:, : V + 100]  # row stride 2W
+    assert torch.equal(ops.next_byte_logprobs(strided, vocab), flat)
+    t = x.reshape(6, -1).t().contiguous().t()  # last dim not contiguous
+    assert torch.equal(ops.next_byte_logprobs(t, vocab), flat)
+    assert ops.next_byte_logprobs(x[:0], vocab).shape == (0, 3, 257)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature(pair, temperature):
+    teacher, _, amap = pair
+    V = len(teacher)
+    x = logits_for(2, V, seed=15)
+    assert_logs_close(ops.project_to_student(x, amap, temperature=temperature),
+                      ops.project_to_student(x[:, :V] / temperature, amap), tol=2e-5, what="project")
+    nodes = [teacher.trie.lookup(b" t"), 0]
+    assert_logs_close(ops.byte_conditional_logprobs(x, teacher, [0, 1], nodes, temperature=temperature),
+                      reference_of(ops.byte_conditional_logprobs, x, teacher, [0, 1], nodes, temperature=temperature),
+                      what="conditional")
+
+
+def test_instruction_sets_and_thread_counts_agree(vocab_of):
+    vocab = vocab_of("qwen")
+    V = len(vocab)
+    x = logits_for(19, V, seed=16)  # two blocks of eight rows and three single rows
+    nodes = [vocab.trie.lookup(b" the"), 0]
+    results = []
+    best = _core.best_kernel_isa()
+    isas = ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(best) + 1]
+    try:
+        for isa in isas:
+            _cpu_backend.set_kernel_isa(isa)
+            for threads in (1, 2):
+                _cpu_backend.set_num_threads(threads)
+                results.append((ops.next_byte_logprobs(x, vocab), ops.byte_conditional_logprobs(x, vocab, [3, 18], nodes)))
+    finally:
+        _cpu_backend.set_kernel_isa(None)
+        _cpu_backend.set_num_threads(None)
+    for a, b in results[1:]:
+        assert_logs_close(a, results[0][0], tol=2e-6, what="next_byte")
+        assert_logs_close(b, results[0][1], tol=2e-6, what="conditional")
+
+
+def test_extreme_rows_never_give_nan(vocab_of):
+    vocab = vocab_of("llama3")
+    V = len(vocab)
+    x = torch.zeros(9, V)
+    x[:, 1234] = 200.0  # one token holds all the mass in float32
+    x[1] = torch.linspace(-300, 300, V)  # a huge range
+    x[2] = -1e30  # finite but enormous
+    nodes = [vocab.trie.lookup(vocab.token_bytes(1234)[:1]), 0, vocab.trie.lookup(b" t")]
+    for op, args in ((ops.next_byte_logprobs, (vocab,)), (ops.byte_conditional_logprobs, (vocab, [0, 1, 2], nodes))):
+        out = op(x, *args)
+        ref = reference_of(op, x, *args)
+        assert not torch.isnan(out).any()
+        assert (out.double().exp().sum(-1) - 1).abs().max() < 1e-5
+        assert_logs_close(out[(out > -80).all(-1) & (ref > -80).all(-1)], ref[(out > -80).all(-1) & (ref > -80).all(-1)],
+                          what=op.__name__)
+
+
+def test_small_masses_keep_their_precision(vocab_of):
+    """Peaky rows: a conditional deep inside a low-probability prefix (the prefix-sum difference would
+    cancel) still equals the float64 brute force."""
+    vocab = vocab_of("mistral-v1")
+    V, trie = len(vocab), vocab.trie
+    x = logits_for(1, V, seed=17, scale=1.0, pad=0)
+    top = vocab.encode(" the")[0]
+    x[0, top] = 40.0  # p(top) ~ 1, everything else ~ e^-40
+    prefixes = [b" q", b" qu", b"ing", b" x"]
+    nodes = [trie.lookup(p) for p in prefixes]
+    out = ops.byte_conditional_logprobs(x, vocab, [0] * 4, nodes)
+    masses = bf.byte_masses(bf.softmax64(x[0], V), vocab)
+    for q, p in enumerate(prefixes):
+        assert_logs_close(out[q], bf.byte_conditional(masses, p), what=repr(p))
+    assert_logs_close(ops.next_byte_logprobs(x, vocab)[0], bf.next_byte(bf.softmax64(x[0], V), vocab), what="next byte")
+
+
+@settings(max_examples=15, deadline=None)
+@given(n_rows=st.integers(1, 12), scale=st.floats(0.01, 30.0), temperature=st.floats(0.2, 5.0),
+       seed=st.integers(0, 2**16))
+def test_property_kernels_equal_reference(n_rows, scale, temperature, seed):
+    from conftest import get_test_vocab
+    vocab = get_test_vocab("botchan-unigram")
+    V = len(vocab)
+    x = logits_for(n_rows, V, seed=seed, scale=scale)
+    out = ops.next_byte_logprobs(x, vocab, temperature=temperature)
+    assert (out.double().exp().sum(-1) - 1).abs().max() < 1e-5
+    assert_logs_close(out, reference_of(ops.next_byte_logprobs, x, vocab, temperature=temperature), what="property")
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors(pair, map_of):
+    teacher, student, amap = pair
+    V = len(teacher)
+    x = logits_for(2, V, seed=18)
+    with pytest.raises(ValueError, match="width"):
+        ops.next_byte_logprobs(x[:, : V - 1], teacher)
+    with pytest.raises(ValueError, match="teacher vocabulary"):
+        ops.project_to_student(x[:, : V - 1], amap)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.next_byte_logprobs(x.to(torch.int32), teacher)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.next_byte_logprobs(x.numpy(), teacher)
+    with pytest.raises(TypeError, match="AlignmentMap"):
+        ops.project_to_student(x, teacher)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[1, 5] = bad
+        with pytest.raises(ValueError, match="row 1 holds NaN or infinite"):
+            ops.next_byte_logprobs(y, teacher)
+        with pytest.raises(ValueError, match="row 1 holds NaN or infinite"):
+            ops.byte_conditional_logprobs(y, teacher, [1], [0])
+        with pytest.raises(ValueError, match="row 1 holds NaN or infinite"):
+            reference_of(ops.project_to_student, y, amap)
+    y = x.clone()
+    y[1, 5] = float("nan")
+    ops.byte_conditional_logprobs(y, teacher, [0], [0])  # row 1 is not read
+    n_nodes = teacher.trie.n_nodes
+    with pytest.raises(ValueError, match=r"prefixes\[1\] = .* outside"):
+        ops.byte_conditional_logprobs(x, teacher, [0, 1], [0, n_nodes])
+    with pytest.raises(ValueError, match=r"rows\[0\] = 2 is outside"):
+        ops.byte_conditional_logprobs(x, teacher, [2], [0])
+    with pytest.raises(ValueError, match="rows has 2 entries but prefixes has 1"):
+        ops.byte_conditional_logprobs(x, teacher, [0, 1], [0])
+    with pytest.raises(TypeError, match="integer ids"):
+        ops.byte_conditional_logprobs(x, teacher, torch.tensor([0.0]), [0])
+    with pytest.raises(ValueError, match="is on meta"):
+        ops.byte_conditional_logprobs(x, teacher, torch.zeros(1, dtype=torch.int64, device="meta"), [0])
+    with pytest.raises(ValueError, match=r"consumed\[0\] = -1 is outside"):
+        ops.project_to_student_within(x, amap, [0], [-1])
+    with pytest.raises(ValueError, match="temperature"):
+        ops.next_byte_logprobs(x, teacher, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.cover_logmass(x, amap, temperature=float("nan"))
+    with pytest.raises(MapMismatchError, match="teacher"):
+        ops.project_to_student(x, amap, teacher=student)
+    other = map_of("botchan-bpe", "botchan-unigram")
+    if len(teacher) > 1000:
+        with pytest.raises(ValueError, match="width"):  # a map for other tokenizers, wider than these logits
+            ops.project_to_student(x[:, :900], other)
+    # sparse rows, compiled (CPU) and pure torch
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    lp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0]])
+    for backend in (None, "reference"):
+        with ops.force_backend(backend):
+            for op, args in ((ops.next_byte_logprobs, (teacher,)), (ops.byte_conditional_logprobs, (teacher, [1], [0]))):
+                with pytest.raises(ValueError, match="row 1 .*more than once"):
+                    op(TopK(torch.tensor([[0, 1, 2], [0, 1, 1]]), lp), *args)
+                with pytest.raises(ValueError, match="not a token id"):
+                    op(TopK(torch.tensor([[0, 1, 2], [0, 1, V]]), lp), *args)
+                with pytest.raises(ValueError, match="row 1 holds NaN"):
+                    op(TopK(idx, torch.tensor([[-1.0, -2.0, -3.0], [-1.0, float("nan"), -3.0]])), *args)
+                with pytest.raises(ValueError, match="same shape"):
+                    op(TopK(idx, lp[:, :2]), *args)
+                with pytest.raises(TypeError, match="int64 or int32"):
+                    op(TopK(idx.float(), lp), *args)
+
+
+def test_compiled_and_torch_child_ranges_agree(pair):
+    """The node -> range-query tables: compiled for CPU ids, torch ops elsewhere (CUDA)."""
+    teacher, _, amap = pair
+    for trie, n_sym in ((ops._byte_trie(teacher), 256), (ops._map_tables(amap)[2], len(amap.cover_lo))):
+        nodes = torch.cat([torch.tensor([0]), torch.randint(0, trie.n_nodes, (50,), generator=torch.Generator().manual_seed(0))])
+        a = ops._child_ranges(trie, nodes, n_sym + 1)
+        b = ops._child_ranges(trie, nodes, n_sym + 1, compiled=False)
+        assert a[3] == b[3] and all(torch.equal(u.long(), w.long()) for u, w in zip(a[:3], b[:3]))
+
+
+def test_backend_reports_and_forcing(vocab_of):
+    vocab = vocab_of("botchan-bpe")
+    x = logits_for(2, len(vocab), seed=19)
+    ops.next_byte_logprobs(x, vocab)
+    assert ops.last_backend() == "cpu"
+    with ops.force_backend("reference"):
+        ops.next_byte_logprobs(x, vocab)
+        assert ops.last_backend() == "reference"
+    with pytest.raises(ValueError, match="unknown backend"):
+        with ops.force_backend("tpu"):
+            pass
+    assert math.isclose(_cpu_backend.num_threads(), torch.get_num_threads())
