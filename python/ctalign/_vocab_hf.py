@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from ctalign.errors import VocabError
-from ctalign.vocab import (Backend, Vocab, assign_roles, gpt2_alphabet, gpt2_token_bytes,
-                           split_utf8)
+from ctalign.vocab import Backend, Vocab, assign_roles, gpt2_alphabet, gpt2_token_bytes
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPACE_MARK = "\u2581"  # ▁
@@ -204,22 +203,7 @@ class HFBackend(Backend):
         if self._byte_level:
             model = self.raw_tokenizer.model
             return [[t.id for t in model.tokenize(gpt2_alphabet(p))] for p in pieces]
-        return [self._fallback(p) for p in pieces]
-
-    def _fallback(self, piece: bytes) -> list[int]:
-        ids: list[int] = []
-        for valid, chunk in split_utf8(piece):
-            if valid:
-                ids.extend(self.encode_raw_texts([chunk])[0])
-                continue
-            for b in chunk:
-                if b in self._byte_ids:
-                    ids.append(self._byte_ids[b])
-                elif self._unk_id is not None:
-                    ids.append(self._unk_id)
-                else:
-                    raise VocabError(f"{self._path}: byte 0x{b:02x} cannot be encoded (no byte fallback, no unk)")
-        return ids
+        return [self.encode_with_byte_fallback(p) for p in pieces]
 
     def fast_raw_encoder(self, vocab: Vocab):
         """A :class:`FastRawEncoder` when this tokenizer is a plain byte-level BPE (no normalizer

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ctalign.errors import VocabError
-from ctalign.vocab import Backend, Vocab, assign_roles, split_utf8
+from ctalign.vocab import Backend, Vocab, assign_roles
 
 _SPACE_MARK = "\u2581"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -61,22 +61,7 @@ class SPBackend(Backend):
         return self.raw_processor.encode(texts, out_type=int, add_bos=False, add_eos=False)
 
     def encode_raw_invalid(self, pieces: list[bytes]) -> list[list[int]]:
-        out = []
-        for piece in pieces:
-            ids: list[int] = []
-            for valid, chunk in split_utf8(piece):
-                if valid:
-                    ids.extend(self.encode_raw_texts([chunk])[0])
-                    continue
-                for b in chunk:
-                    if b in self._byte_ids:
-                        ids.append(self._byte_ids[b])
-                    elif self._unk_id is not None:
-                        ids.append(self._unk_id)
-                    else:
-                        raise VocabError(f"{self._path}: byte 0x{b:02x} cannot be encoded (no byte fallback, no unk)")
-            out.append(ids)
-        return out
+        return [self.encode_with_byte_fallback(p) for p in pieces]
 
     def normalize(self, text: str) -> str:
         n = self.processor.normalize(text)

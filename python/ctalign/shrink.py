@@ -74,7 +74,6 @@ def _kept_from_ranks(teacher, mt, bases: list[int], n: int):
     candidates = np.flatnonzero(left >= 0)
     candidates = candidates[np.argsort(rank[candidates], kind="stable")]
     kept_list = list(bases) + [int(t) for t in candidates[: max(n - len(bases), 0)]]
-    kept = set(kept_list)
     priority = {t: (-1 if t in bases else int(rank[t])) for t in kept_list}
     by_bytes = {teacher.token_bytes(t): t for t in kept_list}
     chosen = []

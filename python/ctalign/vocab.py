@@ -185,6 +185,23 @@ class Backend:
     def normalize(self, text: str) -> str:
         return text
 
+    def encode_with_byte_fallback(self, piece: bytes) -> list[int]:
+        """Valid UTF-8 runs through ``encode_raw_texts``, every other byte to its byte-fallback
+        piece (``<0xNN>``), else unk. Needs ``_byte_ids`` (byte -> id), ``_unk_id`` and ``_path``."""
+        ids: list[int] = []
+        for valid, chunk in split_utf8(piece):
+            if valid:
+                ids.extend(self.encode_raw_texts([chunk])[0])
+                continue
+            for b in chunk:
+                if b in self._byte_ids:
+                    ids.append(self._byte_ids[b])
+                elif self._unk_id is not None:
+                    ids.append(self._unk_id)
+                else:
+                    raise VocabError(f"{self._path}: byte 0x{b:02x} cannot be encoded (no byte fallback, no unk)")
+        return ids
+
     def fast_raw_encoder(self, vocab: "Vocab"):
         """An object whose ``encode(texts, slow)`` equals ``encode_raw_texts`` faster, or None."""
         return None
