@@ -709,8 +709,9 @@ class _TargetPlan:
                 lp = torch.log_softmax(lp / temperature, -1)
             else:
                 lp = torch.log_softmax(rows[:, :Vt].float() / temperature, -1)
-            pairs = _identical_pairs_tensor(amap, dev)
-            out[:, pairs[:, 1]] = lp[:, pairs[:, 0]]
+            # identical regime = equal fingerprints: the same id -> bytes table, specials included, so
+            # the student's distribution is the teacher's, id for id (the end column stays empty).
+            out[:, :Vs] = lp[:, :Vs]
             return out
         inside = ~at_boundary
         if at_boundary.any():
@@ -721,41 +722,6 @@ class _TargetPlan:
             out[inside] = ops.project_to_student_within(self.teacher_rows, amap, flat_row[inside],
                                                         consumed[inside].int(), temperature=temperature).float()
         return out
-
-
-_PAIRS_CACHE: dict = {}
-
-
-def _identical_pairs_tensor(amap, device) -> torch.Tensor:
-    key = (id(amap), getattr(amap, "teacher_fingerprint", None), str(device))
-    t = _PAIRS_CACHE.get(key)
-    if t is None:
-        t = _PAIRS_CACHE[key] = torch.as_tensor(_identical_pairs(amap), device=device).long()
-    return t
-
-
-def _identical_pairs(amap) -> np.ndarray:
-    """(teacher id, student id) pairs of the identical regime: tokens with equal bytes, plus the
-    special tokens (same text, else same role)."""
-    pairs = [np.asarray(amap.identical, dtype=np.int64).reshape(-1, 2)]
-    try:
-        t_sp = {int(i): (role, text) for i, role, text in amap.header["teacher"]["specials"]}
-        s_sp = {int(i): (role, text) for i, role, text in amap.header["student"]["specials"]}
-    except (KeyError, TypeError, ValueError):
-        t_sp, s_sp = {}, {}
-    by_text = {text: i for i, (_, text) in s_sp.items()}
-    by_role: dict = {}
-    for i, (role, _) in sorted(s_sp.items()):
-        by_role.setdefault(role, i)
-    extra, used = [], set()
-    for i, (role, text) in sorted(t_sp.items()):
-        j = by_text.get(text, by_role.get(role) if role != "other" else None)
-        if j is not None and j not in used:
-            extra.append((i, j))
-            used.add(j)
-    if extra:
-        pairs.append(np.asarray(extra, dtype=np.int64))
-    return np.concatenate(pairs, 0)
 
 
 def _kl_rows(target_lp: torch.Tensor, student_lp: torch.Tensor, top_k: int | None) -> torch.Tensor:
