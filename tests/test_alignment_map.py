@@ -314,6 +314,24 @@ def test_consistent_checksum_but_inconsistent_tables(saved, tmp_path):
         AlignmentMap.load(bad)
 
 
+@pytest.mark.parametrize("trie, field, value, problem", [
+    ("teacher_trie", "child_node", 10**6, "child_node holds node ids out of range"),
+    ("dec_trie", "child_node", -3, "child_node holds node ids out of range"),
+    ("teacher_trie", "node_hi", 10**8, "node ranges lie outside the order"),
+    ("dec_trie", "order", -1, "order holds ids out of range"),
+])
+def test_forged_trie_arrays_are_refused_before_any_kernel_reads_them(saved, tmp_path, trie, field, value, problem):
+    m, _ = saved
+    arrays = m.arrays()
+    a = arrays[f"{trie}.{field}"].copy()
+    a[-1] = value
+    arrays[f"{trie}.{field}"] = a
+    bad = tmp_path / "forged.ctmap"
+    bad.write_bytes(_encode_artifact(m._header, arrays))
+    with pytest.raises(ArtifactError, match=f"{trie}: {problem}"):
+        AlignmentMap.load(bad)
+
+
 def test_layout(saved):
     _, path = saved
     data = path.read_bytes()

@@ -769,3 +769,31 @@ def _check_tables(header: dict, arrays: dict[str, np.ndarray], path: str) -> Non
         o = arrays[f"{side}.offsets"]
         if o[0] != 0 or o[-1] != len(arrays[f"{side}.data"]) or np.any(np.diff(o) < 0):
             fail(f"{side}.offsets are not a CSR over {side}.data")
+    for trie in ("teacher_trie", "dec_trie"):  # both tries index teacher ids; the kernels trust them
+        _check_trie_arrays({f: arrays[f"{trie}.{f}"] for f in TRIE_FIELDS}, Vt,
+                           lambda problem, trie=trie: fail(f"{trie}: {problem}"))
+
+
+def _check_trie_arrays(a: dict[str, np.ndarray], n_ids: int, fail) -> None:
+    """Every index a kernel follows stays in range: node ranges inside the order, children CSR
+    over valid non-root nodes, ranks and member nodes in range."""
+    n_nodes, n_members = len(a["node_lo"]), len(a["order"])
+    if any(len(a[f]) != n_nodes for f in ("node_hi", "node_end", "node_depth", "node_parent", "node_symbol")):
+        fail("node arrays differ in length")
+    if len(a["child_start"]) != n_nodes + 1 or len(a["rank"]) != n_ids or len(a["member_node"]) != n_ids \
+            or len(a["first_symbol"]) != n_ids:
+        fail("child_start / rank / member_node / first_symbol have the wrong length")
+    cs, cn = a["child_start"], a["child_node"]
+    if n_nodes == 0 or cs[0] != 0 or cs[-1] != len(cn) or np.any(np.diff(cs) < 0):
+        fail("child_start is not a CSR over child_node")
+    if cn.size and (cn.min() < 1 or cn.max() >= n_nodes):
+        fail("child_node holds node ids out of range")
+    lo, end, hi = a["node_lo"], a["node_end"], a["node_hi"]
+    if np.any(lo < 0) or np.any(end < lo) or np.any(hi < end) or hi.max() > n_members:
+        fail("node ranges lie outside the order")
+    if n_members and (a["order"].min() < 0 or a["order"].max() >= n_ids):
+        fail("order holds ids out of range")
+    if a["rank"].min(initial=0) < -1 or a["rank"].max(initial=0) >= max(n_members, 1):
+        fail("rank holds positions out of range")
+    if a["member_node"].min(initial=0) < -1 or a["member_node"].max(initial=0) >= n_nodes:
+        fail("member_node holds node ids out of range")
