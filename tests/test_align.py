@@ -469,3 +469,18 @@ def test_hf_character_offsets_convert_to_the_same_byte_spans(corpus_lines):
                 assert (a, b) == (int(start[0, j]), int(end[0, j])), (text, j)
     with pytest.raises(ValueError, match="character offsets"):
         A.char_to_byte_offsets("abc", [(0, 4)])
+
+
+def test_vocabularies_the_map_was_not_built_for_are_refused():
+    from ctalign import align as A
+    from ctalign.data import DistillationCollator
+    from ctalign.alignment_map import build_map
+    from ctalign.errors import MapMismatchError
+    amap = build_map(get_test_vocab("gpt2-tiktoken"), get_test_vocab("mistral-v1"))
+    other = get_test_vocab("botchan-unigram")
+    with pytest.raises(MapMismatchError, match="student"):
+        DistillationCollator(amap, student_vocab=other)
+    with pytest.raises(MapMismatchError, match="teacher"):
+        A.vocabs_of_map(amap, other, None, "align()")
+    t, s = A.vocabs_of_map(amap, None, None, "align()")
+    assert t is amap.teacher and s is amap.student

@@ -379,6 +379,22 @@ def _texts_from_ids(t_vocab, t_ids, t_len, s_vocab, s_ids, s_len) -> list[bytes]
     return texts
 
 
+def vocabs_of_map(amap, teacher_vocab, student_vocab, who: str):
+    """The (teacher, student) vocabularies to use with ``amap``: the given ones, checked against the
+    map's fingerprints (MapMismatchError when the map was built for other tokenizers), else the
+    map's own."""
+    if amap is not None:
+        other_t = teacher_vocab if teacher_vocab is not None and teacher_vocab is not amap.teacher else None
+        other_s = student_vocab if student_vocab is not None and student_vocab is not amap.student else None
+        if other_t is not None or other_s is not None:
+            amap.verify(other_t, other_s)  # attaches them, so the next call skips the check
+        teacher_vocab = teacher_vocab or amap.teacher
+        student_vocab = student_vocab or amap.student
+    if teacher_vocab is None or student_vocab is None:
+        raise ValueError(f"{who} needs the vocabularies: pass amap= or teacher_vocab= and student_vocab=")
+    return teacher_vocab, student_vocab
+
+
 def align(teacher_ids, student_ids, *, amap=None, teacher_vocab=None, student_vocab=None, texts=None,
           teacher_lengths=None, student_lengths=None, byte_queries: int = 0,
           threads: int | None = None) -> Alignment:
@@ -390,11 +406,7 @@ def align(teacher_ids, student_ids, *, amap=None, teacher_vocab=None, student_vo
     (str, or already normalized bytes); without them the two sides must spell the same bytes
     (up to a dummy-prefix space). Raises ``ValueError`` when the ids do not tokenize the texts.
     """
-    if amap is not None:
-        teacher_vocab = teacher_vocab or amap.teacher
-        student_vocab = student_vocab or amap.student
-    if teacher_vocab is None or student_vocab is None:
-        raise ValueError("align() needs the vocabularies: pass amap= or teacher_vocab= and student_vocab=")
+    teacher_vocab, student_vocab = vocabs_of_map(amap, teacher_vocab, student_vocab, "align()")
     t_ids, t_len = pad_ids(teacher_ids, teacher_lengths)
     s_ids, s_len = pad_ids(student_ids, student_lengths)
     if t_ids.shape[0] != s_ids.shape[0]:

@@ -100,11 +100,7 @@ class DistillationCollator:
     def __init__(self, amap=None, *, teacher_vocab=None, student_vocab=None, max_length=None,
                  add_bos: bool = True, add_eos: bool = True, byte_queries: int = 0, threads: int | None = None,
                  return_tensors: str = "pt"):
-        if amap is not None:
-            teacher_vocab = teacher_vocab or amap.teacher
-            student_vocab = student_vocab or amap.student
-        if teacher_vocab is None or student_vocab is None:
-            raise ValueError("DistillationCollator needs amap= or teacher_vocab= and student_vocab=")
+        teacher_vocab, student_vocab = _align.vocabs_of_map(amap, teacher_vocab, student_vocab, "DistillationCollator")
         if return_tensors not in ("pt", "np"):
             raise ValueError(f"return_tensors must be 'pt' or 'np', got {return_tensors!r}")
         self.amap, self.teacher_vocab, self.student_vocab = amap, teacher_vocab, student_vocab
