@@ -107,6 +107,33 @@ def test_collator_truncates_at_a_common_boundary():
     assert short["student_input_ids"][0, :ns].tolist() == full["student_input_ids"][0, :ns].tolist()
 
 
+def test_collator_cuts_at_the_last_common_boundary_that_fits():
+    """Brute force: every cut the collator could make is a common prefix of both tokenizations;
+    the chosen one is the longest whose token counts fit both limits."""
+    amap = get_map("llama3", "mistral-v1")
+    text = "Truncation: 12345 apples, naïve café owners, and 東京 — all at once, twice over."
+    collate = DistillationCollator(amap, add_bos=False, add_eos=False)
+    full = collate([text])
+    t_full = full["teacher_input_ids"][0].tolist()
+    s_full = full["student_input_ids"][0].tolist()
+    T, S = amap.teacher, amap.student
+
+    def prefix_cuts(ids, vocab):  # byte length spelled by the first n tokens, for every n
+        out, n = {0: 0}, 0
+        for k, i in enumerate(ids, 1):
+            n += len(vocab.token_bytes(i) or b"")
+            out[n] = k
+        return out
+
+    t_cuts, s_cuts = prefix_cuts(t_full, T), prefix_cuts(s_full, S)
+    lead = S.prefix_space and 1 or 0  # the student's dummy space before the first word
+    for mt, ms in [(3, 3), (5, 9), (9, 5), (12, 12), (20, 7)]:
+        fitting = [pos for pos, nt in t_cuts.items()
+                   if nt <= mt and pos + lead in s_cuts and s_cuts[pos + lead] <= ms]
+        got = DistillationCollator(amap, add_bos=False, add_eos=False, max_length=(mt, ms))([text])
+        assert got["texts"][0].encode("utf-8") == text.encode("utf-8")[:max(fitting)], (mt, ms)
+
+
 def test_collator_rejects_bad_examples():
     amap = get_map("gpt2", "gpt2")
     c = DistillationCollator(amap)

@@ -198,16 +198,23 @@ class DistillationCollator:
         tb = text.encode("utf-8")
         char_ok = np.ones(len(tb) + 1, dtype=bool)
         char_ok[:-1] = (np.frombuffer(tb, dtype=np.uint8) & 0xC0) != 0x80
-        cands = sorted(set(int(e) for e in t_end) & set(int(e) for e in s_end), reverse=True)
-        for pos in cands + [0]:
-            if not char_ok[pos]:
-                continue
-            nt = keep_upto(t_start, t_end, t_role, pos)
-            ns = keep_upto(s_start, s_end, s_role, pos)
+        common = (set(int(e) for e in t_end) & set(int(e) for e in s_end)) | {0}
+        cands = sorted(pos for pos in common if char_ok[pos])
+        # The kept token counts grow with pos, so "both sides fit" holds up to some boundary and not
+        # after: binary search for the last boundary that fits (O(T log T), not O(T^2)).
+        best, lo, hi = None, 0, len(cands) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            nt = keep_upto(t_start, t_end, t_role, cands[mid])
+            ns = keep_upto(s_start, s_end, s_role, cands[mid])
             if nt <= mt and ns <= ms:
-                cut_text = tb[:pos].decode("utf-8")
-                return t_ids[:nt], t_mask[:nt], s_ids[:ns], s_mask[:ns], cut_text
-        raise ValueError("cannot truncate: no common boundary keeps both sides within max_length")
+                best, lo = (cands[mid], nt, ns), mid + 1
+            else:
+                hi = mid - 1
+        if best is None:
+            raise ValueError("cannot truncate: no common boundary keeps both sides within max_length")
+        pos, nt, ns = best
+        return t_ids[:nt], t_mask[:nt], s_ids[:ns], s_mask[:ns], tb[:pos].decode("utf-8")
 
 
 def _alignment_numpy(a):
