@@ -275,17 +275,9 @@ class Vocab:
         p = self._pieces
         return b"".join(p[i] or b"" for i in ids)
 
-    @cached_property
-    def _bytes_index(self) -> dict[bytes, list[int]]:
-        index: dict[bytes, list[int]] = {}
-        for i, b in enumerate(self._pieces):
-            if b is not None:
-                index.setdefault(b, []).append(i)
-        return index
-
     def ids_of_bytes(self, b: bytes) -> list[int]:
         """Every id whose bytes equal ``b``, increasing (``▁`` and ``<0x20>`` both)."""
-        return list(self._bytes_index.get(bytes(b), ()))
+        return sorted(self.table.lookup(bytes(b)))
 
     @property
     def merges(self) -> list[tuple[int, int]] | None:
@@ -413,11 +405,7 @@ class Vocab:
     def trie(self):
         """``ctalign._core.SequenceTrie`` over the token bytes (built once)."""
         from ctalign import _core
-        offsets, data, has_bytes = self.byte_table()
-        builder = getattr(_core.SequenceTrie, "from_token_table", None)
-        if builder is not None:
-            return builder(self.table)
-        return _core.SequenceTrie(offsets, data.astype(np.int32), has_bytes, 256)
+        return _core.SequenceTrie.from_token_table(self.table)
 
     @cached_property
     def merge_table(self):
