@@ -4,7 +4,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cstdlib>
+#include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "bindings.h"
 #include "numpy_args.h"
@@ -60,6 +64,79 @@ LogitsArg logits_arg(const py::handle& obj, const std::string& elem_type, std::i
   return a;
 }
 
+// Large outputs ([N, G] log masses, [N, W] gradients: often 100+ MB) come from a small cache of
+// blocks freed by earlier outputs. A fresh block costs a page fault and a kernel page clear per
+// 4 KB / 2 MB page on first write, which for these sizes costs as much as the kernel itself; a
+// training loop asks for the same sizes every step, so reused blocks skip that. Blocks are rounded
+// up to 2 MB and matched by exact rounded size; at most kPoolBytes stay cached (oldest freed first).
+constexpr std::size_t kPooledFrom = std::size_t(16) << 20;  // smaller outputs: numpy's allocator
+constexpr std::size_t kPoolBytes = std::size_t(512) << 20;
+constexpr std::size_t kPoolAlign = std::size_t(2) << 20;
+
+class OutputPool {
+ public:
+  static OutputPool& instance() {
+    static OutputPool* pool = new OutputPool;  // never destroyed: capsules may release blocks at exit
+    return *pool;
+  }
+  void* acquire(std::size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      for (std::size_t i = 0; i < free_.size(); ++i) {
+        if (free_[i].first == bytes) {
+          void* p = free_[i].second;
+          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+          cached_ -= bytes;
+          return p;
+        }
+      }
+    }
+    void* p = std::aligned_alloc(kPoolAlign, bytes);
+    if (p == nullptr) throw std::bad_alloc();
+    return p;
+  }
+  void release(void* p, std::size_t bytes) {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      free_.emplace_back(bytes, p);
+      cached_ += bytes;
+      while (cached_ > kPoolBytes) {
+        drop.push_back(free_.front().second);
+        cached_ -= free_.front().first;
+        free_.erase(free_.begin());
+      }
+    }
+    for (void* d : drop) std::free(d);
+  }
+
+ private:
+  std::mutex m_;
+  std::vector<std::pair<std::size_t, void*>> free_;  // oldest first
+  std::size_t cached_ = 0;
+};
+
+struct PooledBlock {
+  void* data;
+  std::size_t bytes;
+};
+
+// A new, uninitialised [rows, cols] output (the kernels write every element).
+template <class Out>
+py::array_t<Out> new_output(std::int64_t rows, std::int64_t cols) {
+  const std::size_t bytes = sizeof(Out) * static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
+  const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)};
+  if (bytes < kPooledFrom) return py::array_t<Out>(shape);
+  const std::size_t rounded = (bytes + kPoolAlign - 1) / kPoolAlign * kPoolAlign;
+  auto* block = new PooledBlock{OutputPool::instance().acquire(rounded), rounded};
+  py::capsule owner(block, [](void* v) {
+    auto* b = static_cast<PooledBlock*>(v);
+    OutputPool::instance().release(b->data, b->bytes);
+    delete b;
+  });
+  return py::array_t<Out>(shape, static_cast<Out*>(block->data), owner);
+}
+
 template <class Out>
 py::array_t<Out, py::array::c_style> out_arg(const py::handle& obj, const char* name, std::int64_t rows, std::int64_t cols) {
   auto a = array_arg<Out>(obj, name, 2);
@@ -113,7 +190,7 @@ RangeArgs range_args(const kernels::Logits& x, const py::handle& order, const py
 template <class Out>
 py::tuple grouped_forward(LogitsArg& x, const py::handle& group_obj, std::int32_t n_groups, int n_threads) {
   auto group = vec_arg<std::int32_t>(group_obj, "group", x.view.vocab_size);
-  py::array_t<Out> out({static_cast<py::ssize_t>(x.view.n_rows), static_cast<py::ssize_t>(n_groups)});
+  py::array_t<Out> out = new_output<Out>(x.view.n_rows, n_groups);
   py::array_t<Out> lse(static_cast<py::ssize_t>(x.view.n_rows));
   {
     py::gil_scoped_release release;
@@ -129,7 +206,7 @@ py::array grouped_backward(LogitsArg& x, const py::handle& group_obj, std::int32
   auto out = out_arg<Out>(out_obj, "out", x.view.n_rows, n_groups);
   auto grad_out = out_arg<Out>(grad_obj, "grad_out", x.view.n_rows, n_groups);
   auto lse = vec_arg<Out>(lse_obj, "lse", x.view.n_rows);
-  py::array_t<Out> grad({static_cast<py::ssize_t>(x.view.n_rows), x.width});
+  py::array_t<Out> grad = new_output<Out>(x.view.n_rows, x.width);
   {
     py::gil_scoped_release release;
     kernels::grouped_logmass_backward<Out>(x.view, group.data(), n_groups, out.data(), lse.data(), grad_out.data(),
@@ -140,7 +217,7 @@ py::array grouped_backward(LogitsArg& x, const py::handle& group_obj, std::int32
 
 template <class Out>
 py::tuple range_forward(LogitsArg& x, RangeArgs& r, int n_threads) {
-  py::array_t<Out> out({static_cast<py::ssize_t>(r.q.n_queries), static_cast<py::ssize_t>(r.q.n_cols)});
+  py::array_t<Out> out = new_output<Out>(r.q.n_queries, r.q.n_cols);
   py::array_t<Out> lse(static_cast<py::ssize_t>(x.view.n_rows));
   {
     py::gil_scoped_release release;
@@ -155,7 +232,7 @@ py::array range_backward(LogitsArg& x, RangeArgs& r, const py::handle& out_obj, 
   auto out = out_arg<Out>(out_obj, "out", r.q.n_queries, r.q.n_cols);
   auto grad_out = out_arg<Out>(grad_obj, "grad_out", r.q.n_queries, r.q.n_cols);
   auto lse = vec_arg<Out>(lse_obj, "lse", x.view.n_rows);
-  py::array_t<Out> grad({static_cast<py::ssize_t>(x.view.n_rows), x.width});
+  py::array_t<Out> grad = new_output<Out>(x.view.n_rows, x.width);
   {
     py::gil_scoped_release release;
     kernels::range_logmass_backward<Out>(x.view, r.q, out.data(), lse.data(), grad_out.data(), grad.mutable_data(),
@@ -193,7 +270,7 @@ TopKArg topk_arg(const py::handle& indices, const py::handle& logprobs, const st
 template <class Out>
 py::array topk_grouped(TopKArg& x, const py::handle& group_obj, std::int32_t n_groups, int n_threads) {
   auto group = vec_arg<std::int32_t>(group_obj, "group", x.view.vocab_size);
-  py::array_t<Out> out({static_cast<py::ssize_t>(x.view.n_rows), static_cast<py::ssize_t>(n_groups)});
+  py::array_t<Out> out = new_output<Out>(x.view.n_rows, n_groups);
   {
     py::gil_scoped_release release;
     kernels::topk_grouped_logmass<Out>(x.view, group.data(), n_groups, out.mutable_data(), n_threads);
@@ -209,7 +286,7 @@ py::array topk_range(TopKArg& x, const py::handle& rank_obj, std::int64_t order_
   rows_view.n_rows = x.view.n_rows;
   RangeArgs r = range_args(rows_view, py::array_t<std::int32_t>(0), rows, lo, hi);
   r.q.order_size = order_size;
-  py::array_t<Out> out({static_cast<py::ssize_t>(r.q.n_queries), static_cast<py::ssize_t>(r.q.n_cols)});
+  py::array_t<Out> out = new_output<Out>(r.q.n_queries, r.q.n_cols);
   {
     py::gil_scoped_release release;
     kernels::topk_range_logmass<Out>(x.view, rank.data(), r.q, out.mutable_data(), n_threads);

@@ -12,7 +12,8 @@
 // log(x), x >= 0: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(1 + f) by the classic degree-9
 //   series-fitted polynomial (Cephes logf coefficients), about 1 ulp; log(0) = -inf, log(inf) = inf,
 //   NaN stays NaN. Inputs below the smallest normal float are scaled up first.
-// Cost: about 13 vector operations per exp, 20 per log, 24 shuffles per 8x8 transpose.
+// Cost: about 13 vector operations per exp, 20 per log, 24 shuffles per 8x8 transpose. log has an
+// AVX-512 twin (log_avx512, same steps, 16 lanes).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -244,6 +245,44 @@ CTALIGN_TARGET_AVX512 inline __m512 exp_avx512(__m512 d, int bias = 0) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE1));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kE0));
   return _mm512_maskz_scalef_ps(keep, p, _mm512_add_ps(n, _mm512_set1_ps(b)));
+}
+
+// log_avx2's steps on 16 lanes, special cases by mask.
+CTALIGN_TARGET_AVX512 inline __m512 log_avx512(__m512 x) {
+  using namespace mathc;
+  const __m512 zero = _mm512_setzero_ps();
+  const __mmask16 is_zero = _mm512_cmp_ps_mask(x, zero, _CMP_EQ_OQ);
+  const __mmask16 is_inf = _mm512_cmp_ps_mask(x, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ);
+  const __mmask16 not_pos = _mm512_cmp_ps_mask(x, zero, _CMP_NGT_UQ);  // x <= 0 or NaN
+  const __mmask16 small = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kMinNormal), _CMP_LT_OQ) &
+                          _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ);
+  const __m512 xs = _mm512_mask_mul_ps(x, small, x, _mm512_set1_ps(16777216.0f));
+  const __m512 e_adj = _mm512_maskz_mov_ps(small, _mm512_set1_ps(-24.0f));
+  const __m512i b = _mm512_castps_si512(xs);
+  __m512 e = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 23), _mm512_set1_epi32(126))), e_adj);
+  __m512 m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi32(0x007fffff)),
+                                                 _mm512_set1_epi32(0x3f000000)));
+  const __mmask16 lt = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kSqrtHalf), _CMP_LT_OQ);
+  m = _mm512_mask_add_ps(m, lt, m, m);
+  e = _mm512_mask_sub_ps(e, lt, e, _mm512_set1_ps(1.0f));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  const __m512 z = _mm512_mul_ps(f, f);
+  __m512 y = _mm512_set1_ps(kL8);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kL7));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kL6));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kL5));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kL4));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kL3));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kL2));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kL1));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(kL0));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
+  y = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Lo), y);
+  y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
+  __m512 r = _mm512_fmadd_ps(e, _mm512_set1_ps(kLn2Hi), _mm512_add_ps(f, y));
+  r = _mm512_mask_mov_ps(r, not_pos, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+  r = _mm512_mask_mov_ps(r, is_zero, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+  return _mm512_mask_mov_ps(r, is_inf, x);
 }
 
 CTALIGN_TARGET_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }

@@ -80,10 +80,12 @@ struct RowKernels {
 // Eight rows at once (SIMD float paths only). acc is [G][8] doubles, 64-byte aligned: one cache
 // line per group holds the eight rows' sums, so each token costs one vector add.
 struct Block8Kernels {
-  // For i in [begin, begin + n): acc[group[i]][k] += exp(rows[k][i] * scale - shift[k]) 2^kExpBias.
-  // rows are the eight row starts.
-  void (*accumulate)(const void* const* rows, std::int64_t begin, std::int64_t n, float scale, const float* shift,
-                     const std::int32_t* group, double* acc);
+  // For i in [begin, begin + n): acc[group[i]][k] += exp(rows[k][i] * scale - shift[k]) 2^kExpBias,
+  // and z[k] += the same (the rows' running totals). rows are the eight row starts. `readable`:
+  // entries of group readable from begin on (>= n), for prefetching accumulator lines kAccAhead
+  // tokens ahead; 0 turns that prefetch off (tables that fit in cache).
+  void (*accumulate)(const void* const* rows, std::int64_t begin, std::int64_t n, std::int64_t readable,
+                     float scale, const float* shift, const std::int32_t* group, double* acc, double* z);
   // out[k][g] = log(acc[g][k] * pow2[k]) + corr[k] for g < n_groups, then acc is zeroed. pow2[k] is the
   // power of two near 1 / z[k] (exact scaling), corr[k] = log(1 / pow2[k]) - log z[k] (|corr| < 1), so
   // the float log works on the group's probability itself; probabilities below 2^-120 are redone
@@ -186,12 +188,21 @@ inline void scatter_add(const std::int32_t* g, const float* v, std::int64_t n, d
 
 template <class T>
 void block8_tail(const T* const* r, std::int64_t i, std::int64_t end, float scale, const float* shift,
-                 const std::int32_t* group, double* acc) {
+                 const std::int32_t* group, double* acc, double* z) {
   for (; i < end; ++i) {
     double* a = acc + static_cast<std::int64_t>(group[i]) * 8;
-    for (int k = 0; k < 8; ++k) a[k] += simd::exp_scalar(shifted(simd::to_float(r[k][i]), scale, shift[k]), kExpBias);
+    for (int k = 0; k < 8; ++k) {
+      const double e = simd::exp_scalar(shifted(simd::to_float(r[k][i]), scale, shift[k]), kExpBias);
+      a[k] += e;
+      z[k] += e;
+    }
   }
 }
+
+// Accumulator lines of the groups kAccAhead tokens ahead are prefetched: with many groups the [G][8]
+// table outgrows L2 and each token's line would otherwise be a cache miss on the critical path.
+constexpr std::int64_t kAccAhead = 64;
+constexpr std::int64_t kAccInCache = 256 * 1024;  // accumulator tables up to this size are not prefetched
 
 #ifdef CTALIGN_X86
 // ---- AVX2 primitives ------------------------------------------------------------------------
@@ -296,16 +307,23 @@ CTALIGN_TARGET_AVX2 void grouped_grad_avx2(const void* xv, std::int64_t n, float
 
 template <class T>
 CTALIGN_TARGET_AVX2 void block8_accumulate_avx2(const void* const* rows, std::int64_t begin, std::int64_t n,
-                                                float scale, const float* shift, const std::int32_t* group,
-                                                double* acc) {
+                                                std::int64_t readable, float scale, const float* shift,
+                                                const std::int32_t* group, double* acc, double* z) {
   const T* r[8];
   for (int k = 0; k < 8; ++k) r[k] = static_cast<const T*>(rows[k]) + begin;
   group += begin;
   const __m256 vs = _mm256_set1_ps(scale), vsh = _mm256_loadu_ps(shift);
+  __m256d zlo[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()}, zhi[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
   std::int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     if ((i & 15) == 0) {
       for (int k = 0; k < 8; ++k) _mm_prefetch(reinterpret_cast<const char*>(r[k] + i + kBlockChunk), _MM_HINT_T0);
+    }
+    if (i + kAccAhead + 8 <= readable) {  // readable = 0: no prefetch (small tables stay in L1/L2)
+      for (int j = 0; j < 8; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(acc + static_cast<std::int64_t>(group[i + kAccAhead + j]) * 8),
+                     _MM_HINT_T0);
+      }
     }
     __m256 v[8];
     for (int k = 0; k < 8; ++k) v[k] = simd::load8(r[k] + i);
@@ -317,9 +335,15 @@ CTALIGN_TARGET_AVX2 void block8_accumulate_avx2(const void* const* rows, std::in
       double* a = acc + static_cast<std::int64_t>(group[i + j]) * 8;
       _mm256_store_pd(a, _mm256_add_pd(_mm256_load_pd(a), lo));
       _mm256_store_pd(a + 4, _mm256_add_pd(_mm256_load_pd(a + 4), hi));
+      zlo[j & 1] = _mm256_add_pd(zlo[j & 1], lo);
+      zhi[j & 1] = _mm256_add_pd(zhi[j & 1], hi);
     }
   }
-  block8_tail<T>(r, i, n, scale, shift, group, acc);
+  alignas(32) double zs[8];
+  _mm256_store_pd(zs, _mm256_add_pd(zlo[0], zlo[1]));
+  _mm256_store_pd(zs + 4, _mm256_add_pd(zhi[0], zhi[1]));
+  for (int k = 0; k < 8; ++k) z[k] += zs[k];
+  block8_tail<T>(r, i, n, scale, shift, group, acc, z);
 }
 
 CTALIGN_TARGET_AVX2 void block8_finish_avx2(double* acc, std::int64_t n_groups, const double* pow2, const float* corr,
@@ -494,18 +518,25 @@ CTALIGN_TARGET_AVX512 void grouped_grad_avx512(const void* xv, std::int64_t n, f
 
 template <class T>
 CTALIGN_TARGET_AVX512 void block8_accumulate_avx512(const void* const* rows, std::int64_t begin, std::int64_t n,
-                                                    float scale, const float* shift, const std::int32_t* group,
-                                                    double* acc) {
+                                                    std::int64_t readable, float scale, const float* shift,
+                                                    const std::int32_t* group, double* acc, double* z) {
   const T* r[8];
   for (int k = 0; k < 8; ++k) r[k] = static_cast<const T*>(rows[k]) + begin;
   group += begin;
   const __m256 sh8 = _mm256_loadu_ps(shift);
   const __m512 vs = _mm512_set1_ps(scale);
   const __m512 vsh = _mm512_insertf32x8(_mm512_castps256_ps512(sh8), sh8, 1);
+  __m512d za[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()}, zb[2] = {_mm512_setzero_pd(), _mm512_setzero_pd()};
   std::int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     if ((i & 15) == 0) {  // one cache line of each row, one chunk ahead: DRAM latency hides behind the math
       for (int k = 0; k < 8; ++k) _mm_prefetch(reinterpret_cast<const char*>(r[k] + i + kBlockChunk), _MM_HINT_T0);
+    }
+    if (i + kAccAhead + 8 <= readable) {  // readable = 0: no prefetch (small tables stay in L1/L2)
+      for (int j = 0; j < 8; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(acc + static_cast<std::int64_t>(group[i + kAccAhead + j]) * 8),
+                     _MM_HINT_T0);
+      }
     }
     __m256 v[8];
     for (int k = 0; k < 8; ++k) v[k] = simd::load8(r[k] + i);
@@ -519,9 +550,59 @@ CTALIGN_TARGET_AVX512 void block8_accumulate_avx512(const void* const* rows, std
       _mm512_store_pd(a0, _mm512_add_pd(_mm512_load_pd(a0), e0));
       double* a1 = acc + static_cast<std::int64_t>(group[i + j + 1]) * 8;
       _mm512_store_pd(a1, _mm512_add_pd(_mm512_load_pd(a1), e1));
+      za[(j >> 1) & 1] = _mm512_add_pd(za[(j >> 1) & 1], e0);
+      zb[(j >> 1) & 1] = _mm512_add_pd(zb[(j >> 1) & 1], e1);
     }
   }
-  block8_tail<T>(r, i, n, scale, shift, group, acc);
+  alignas(64) double zs[8];
+  _mm512_store_pd(zs, _mm512_add_pd(_mm512_add_pd(za[0], za[1]), _mm512_add_pd(zb[0], zb[1])));
+  for (int k = 0; k < 8; ++k) z[k] += zs[k];
+  block8_tail<T>(r, i, n, scale, shift, group, acc, z);
+}
+
+// block8_finish_avx2 with 512-bit steps: one accumulator line per load, two rows per log.
+CTALIGN_TARGET_AVX512 void block8_finish_avx512(double* acc, std::int64_t n_groups, const double* pow2,
+                                                const float* corr, const double* logz, float* const* out) {
+  const __m512d zero = _mm512_setzero_pd();
+  const __m512d p8 = _mm512_loadu_pd(pow2);
+  const __m512d tiny = _mm512_set1_pd(0x1p-120);  // below: the float would lose precision
+  __m512 corr2[4];
+  for (int k = 0; k < 8; k += 2) {
+    corr2[k / 2] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(corr[k])), _mm256_set1_ps(corr[k + 1]), 1);
+  }
+  std::int64_t g0 = 0;
+  for (; g0 + 8 <= n_groups; g0 += 8) {
+    __m256 v[8];
+    unsigned small = 0;
+    for (int j = 0; j < 8; ++j) {
+      const __m512d m = _mm512_mul_pd(_mm512_load_pd(acc + (g0 + j) * 8), p8);
+      small |= _mm512_cmp_pd_mask(m, tiny, _CMP_LT_OQ) & _mm512_cmp_pd_mask(m, zero, _CMP_GT_OQ);
+      v[j] = _mm512_cvtpd_ps(m);
+    }
+    simd::transpose8(v);  // v[k] = row k, groups g0..g0+7
+    for (int k = 0; k < 8; k += 2) {
+      const __m512 two = _mm512_insertf32x8(_mm512_castps256_ps512(v[k]), v[k + 1], 1);
+      const __m512 l = _mm512_add_ps(simd::log_avx512(two), corr2[k / 2]);
+      _mm256_storeu_ps(out[k] + g0, _mm512_castps512_ps256(l));
+      _mm256_storeu_ps(out[k + 1] + g0, _mm512_extractf32x8_ps(l, 1));
+    }
+    if (small) {  // probabilities below 2^-120 (rare): redo the block in double
+      for (int j = 0; j < 8; ++j) {
+        for (int k = 0; k < 8; ++k) {
+          const double m = acc[(g0 + j) * 8 + k];
+          if (m > 0) out[k][g0 + j] = static_cast<float>(std::log(m) - logz[k]);
+        }
+      }
+    }
+    for (int j = 0; j < 8; ++j) _mm512_store_pd(acc + (g0 + j) * 8, zero);
+  }
+  for (; g0 < n_groups; ++g0) {
+    for (int k = 0; k < 8; ++k) {
+      const double m = acc[g0 * 8 + k];
+      out[k][g0] = m > 0 ? static_cast<float>(std::log(m) - logz[k]) : -std::numeric_limits<float>::infinity();
+      acc[g0 * 8 + k] = 0;
+    }
+  }
 }
 
 CTALIGN_TARGET_AVX512 void exp_n_avx512(const float* v, std::int64_t n, float* y) {
@@ -591,9 +672,9 @@ Block8Kernels block8_kernels(ElemType type) {
   const Isa isa = current_isa();
   if (isa == Isa::avx512) {
     switch (type) {
-      case ElemType::f32: return {block8_accumulate_avx512<float>, block8_finish_avx2, block8_grad_avx2<float>};
-      case ElemType::bf16: return {block8_accumulate_avx512<bf16_t>, block8_finish_avx2, block8_grad_avx2<bf16_t>};
-      case ElemType::f16: return {block8_accumulate_avx512<f16_t>, block8_finish_avx2, block8_grad_avx2<f16_t>};
+      case ElemType::f32: return {block8_accumulate_avx512<float>, block8_finish_avx512, block8_grad_avx2<float>};
+      case ElemType::bf16: return {block8_accumulate_avx512<bf16_t>, block8_finish_avx512, block8_grad_avx2<bf16_t>};
+      case ElemType::f16: return {block8_accumulate_avx512<f16_t>, block8_finish_avx512, block8_grad_avx2<f16_t>};
       default: break;
     }
   } else if (isa == Isa::avx2) {
@@ -902,6 +983,7 @@ void grouped_block8(const RowKernels<float>& k, const Block8Kernels& b, const Lo
                     float* lse) {
   const std::int64_t v = x.vocab_size;
   const std::int64_t esize = static_cast<std::int64_t>(elem_size(x.type));
+  const bool prefetch_acc = g_count * 8 * static_cast<std::int64_t>(sizeof(double)) > kAccInCache;
   const void* rows[8];
   double shift[8], z[8];
   float shift_f[8];
@@ -928,17 +1010,13 @@ void grouped_block8(const RowKernels<float>& k, const Block8Kernels& b, const Lo
         if (shift[j] > -kInf) {
           const double f = std::exp(shift[j] - next);
           for (std::int64_t g = 0; g < g_count; ++g) acc[g * 8 + j] *= f;
+          z[j] *= f;
         }
         shift[j] = next;
       }
     }
     for (int j = 0; j < 8; ++j) shift_f[j] = static_cast<float>(shift[j]);
-    b.accumulate(rows, c0, n, scale, shift_f, group, acc);
-  }
-  // z = the rows' total masses, summed from the accumulator lines (cheaper than a running sum in the
-  // hot loop).
-  for (std::int64_t g = 0; g < g_count; ++g) {
-    for (int j = 0; j < 8; ++j) z[j] += acc[g * 8 + j];
+    b.accumulate(rows, c0, n, prefetch_acc ? v - c0 : 0, scale, shift_f, group, acc, z);
   }
   double pow2[8], logz[8];
   float corr[8];

@@ -371,3 +371,13 @@ def test_container_round_trip_and_any_flip(arrays, header, flip):
     bad[flip % len(bad)] ^= 1 << (flip % 8)
     with pytest.raises(ArtifactError):
         _decode_artifact(bytes(bad), "mem")
+
+
+def test_header_without_report_fields_is_an_artifact_error(saved, tmp_path):
+    m, _ = saved
+    header = json.loads(json.dumps(m._header))
+    header["stats"] = {"dec_total": header["stats"]["dec_total"]}  # the rest of the statistics dropped
+    bad = tmp_path / "partial-header.ctmap"
+    bad.write_bytes(_encode_artifact(header, m.arrays()))
+    with pytest.raises(ArtifactError, match="inconsistent header"):
+        AlignmentMap.load(bad)

@@ -547,6 +547,10 @@ class AlignmentMap:
         header, arrays = _read_artifact(path)
         _check_tables(header, arrays, str(path))
         amap = cls(header, arrays, path=str(path))
+        try:  # the report reads most of the header: a header written by another tool must hold it all
+            amap.report()
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise ArtifactError(str(path), f"inconsistent header: the report cannot be made ({type(e).__name__}: {e})") from None
         amap._timings["load_s"] = time.perf_counter() - t0
         if teacher is not None or student is not None:
             amap.verify(teacher, student)
