@@ -628,26 +628,21 @@ def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) ->
             p.dense = cover_dense
         return p
 
-    if case.op == "byte_conditional":
-        rows_np, nodes_np = ws.table(tkey + ("byte_queries", case.rows), lambda: _byte_queries(vt, case.rows, 8))
+    if case.op in ("byte_conditional", "project_within"):  # queries: (row, trie node) pairs
+        if case.op == "byte_conditional":
+            op, target, key, n_per_row, prefix = ops.byte_conditional_logprobs, vt, tkey + ("byte_queries", case.rows), 8, "byte"
+            make_queries = lambda: _byte_queries(vt, case.rows, n_per_row)  # noqa: E731
+        else:
+            op, target, key, n_per_row, prefix = ops.project_to_student_within, amap, mkey + ("student_queries", case.rows), 4, "consumed"
+            make_queries = lambda: _student_queries(amap, case.rows, n_per_row)  # noqa: E731
+        rows_np, nodes_np = ws.table(key, make_queries)
         rows_t = torch.as_tensor(rows_np, device=dev)
         nodes_t = torch.as_tensor(nodes_np, device=dev)
-        p = Prepared(run=lambda: ops.byte_conditional_logprobs(x, vt, rows_t, nodes_t), logits=x,
+        p = Prepared(run=lambda: op(x, target, rows_t, nodes_t), logits=x,
                      bytes_read=case.rows * V * itemsize, queries=len(rows_np), softmax=softmax)
-        p.torch_variants["reference"] = _on_reference(lambda: ops.byte_conditional_logprobs(x, vt, rows_t, nodes_t))
+        p.torch_variants["reference"] = _on_reference(lambda: op(x, target, rows_t, nodes_t))
         p.check = p.torch_variants["reference"]
-        p.dense_note = "n/a (no fixed matrix: one per byte prefix)"
-        return p
-
-    if case.op == "project_within":
-        rows_np, nodes_np = ws.table(mkey + ("student_queries", case.rows), lambda: _student_queries(amap, case.rows, 4))
-        rows_t = torch.as_tensor(rows_np, device=dev)
-        nodes_t = torch.as_tensor(nodes_np, device=dev)
-        p = Prepared(run=lambda: ops.project_to_student_within(x, amap, rows_t, nodes_t), logits=x,
-                     bytes_read=case.rows * V * itemsize, queries=len(rows_np), softmax=softmax)
-        p.torch_variants["reference"] = _on_reference(lambda: ops.project_to_student_within(x, amap, rows_t, nodes_t))
-        p.check = p.torch_variants["reference"]
-        p.dense_note = "n/a (no fixed matrix: one per consumed prefix)"
+        p.dense_note = f"n/a (no fixed matrix: one per {prefix} prefix)"
         return p
 
     if case.op in ("next_byte_topk", "project_topk", "cover_topk"):
