@@ -492,45 +492,32 @@ def _cover_pairs(amap, order_np):
 def _byte_queries(vocab, rows: int, per_row: int, seed: int = _SEED):
     """Real byte-prefix queries: for each logits row a random multi-byte teacher token, and the trie
     nodes of its proper byte prefixes (every byte offset inside it), up to ``per_row`` of them."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    trie = vocab.trie
-    parent = _as_numpy(trie.node_parent)
-    member_node = _as_numpy(trie.member_node)
-    depth = _as_numpy(trie.node_depth)
-    candidates = np.nonzero((member_node >= 0) & (depth[np.maximum(member_node, 0)] >= 2))[0]
-    rows_out, nodes_out = [], []
-    for r in range(rows):
-        t = int(candidates[rng.integers(len(candidates))])
-        n = int(parent[member_node[t]])  # proper prefixes: from the token's parent up to the root
-        chain = []
-        while n >= 0:
-            chain.append(n)
-            n = int(parent[n])
-        for node in chain[::-1][:per_row]:
-            rows_out.append(r)
-            nodes_out.append(node)
-    return np.asarray(rows_out, dtype=np.int64), np.asarray(nodes_out, dtype=np.int64)
+    return _prefix_queries(vocab.trie, rows, per_row, seed, fall_back_to_single=False)
 
 
 def _student_queries(amap, rows: int, per_row: int, seed: int = _SEED):
     """Student pieces consumed inside a teacher token: dec-trie nodes of the proper prefixes of
     ``dec_S(t)`` for a random teacher token with at least two pieces (or one, when none has two)."""
+    return _prefix_queries(amap.dec_trie, rows, per_row, seed, fall_back_to_single=True)
+
+
+def _prefix_queries(trie, rows: int, per_row: int, seed: int, fall_back_to_single: bool):
+    """(row, node) pairs: for each row a random member with a sequence of two or more symbols, and
+    the nodes of its proper prefixes from the root down, up to ``per_row`` of them."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    trie = amap.dec_trie
     parent = _as_numpy(trie.node_parent)
     member_node = _as_numpy(trie.member_node)
     depth = _as_numpy(trie.node_depth)
     ok = member_node >= 0
-    deep = np.nonzero(ok & (depth[np.maximum(member_node, 0)] >= 2))[0]
-    candidates = deep if len(deep) else np.nonzero(ok)[0]
+    candidates = np.nonzero(ok & (depth[np.maximum(member_node, 0)] >= 2))[0]
+    if fall_back_to_single and not len(candidates):
+        candidates = np.nonzero(ok)[0]
     rows_out, nodes_out = [], []
     for r in range(rows):
         t = int(candidates[rng.integers(len(candidates))])
-        n = int(parent[member_node[t]])
+        n = int(parent[member_node[t]])  # proper prefixes: from the member's parent up to the root
         chain = []
         while n >= 0:
             chain.append(n)
