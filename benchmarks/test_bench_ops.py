@@ -22,7 +22,7 @@ import torch
 
 
 OPS = ["next_byte", "byte_conditional", "project", "project_within", "cover",
-       "next_byte_topk", "project_topk", "cover_topk", "uld"]
+       "next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk", "uld"]
 IMPLS = ["ctalign", "roofline", "softmax", "reference", "reference_fp32", "index_add", "sparse_mm",
          "prefix_sums", "scatter_add", "scatter_dense", "sort", "uld_loss_full_sort", "dense"]
 
@@ -49,7 +49,7 @@ def _pick(p, impl: str):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", OPS)
 def test_op(benchmark, prepared_cases, bench_settings, device, op, impl):
-    k = 64 if op.endswith("_topk") or op == "uld" else None
+    k = 64 if "_topk" in op or op == "uld" else None
     p = prepared_cases(op, device, k)
     fn = _pick(p, impl)
     pair, dtype = ":".join(bench_settings["pair"]), bench_settings["dtype"]

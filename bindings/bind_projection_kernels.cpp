@@ -279,6 +279,20 @@ py::array topk_grouped(TopKArg& x, const py::handle& group_obj, std::int32_t n_g
 }
 
 template <class Out>
+py::tuple topk_grouped_sparse(TopKArg& x, const py::handle& group_obj, std::int32_t n_groups, int n_threads) {
+  auto group = vec_arg<std::int32_t>(group_obj, "group", x.view.vocab_size);
+  const std::int64_t width = std::min<std::int64_t>(x.view.k, n_groups);
+  py::array_t<std::int64_t> ids({x.view.n_rows, width});
+  py::array_t<Out> out({x.view.n_rows, width});
+  {
+    py::gil_scoped_release release;
+    kernels::topk_grouped_sparse<Out>(x.view, group.data(), n_groups, ids.mutable_data(), out.mutable_data(),
+                                      n_threads);
+  }
+  return py::make_tuple(ids, out);
+}
+
+template <class Out>
 py::array topk_range(TopKArg& x, const py::handle& rank_obj, std::int64_t order_size, const py::handle& rows,
                      const py::handle& lo, const py::handle& hi, int n_threads) {
   auto rank = vec_arg<std::int32_t>(rank_obj, "rank", x.view.vocab_size);
@@ -362,6 +376,17 @@ void bind_projection_kernels(py::module_& m) {
       py::arg("indices"), py::arg("logprobs"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("group"),
       py::arg("n_groups"), py::arg("temperature"), py::arg("n_threads"),
       "out [N, G] from sparse rows (indices int64 [N, k], log-probabilities [N, k]); float64 for f64.");
+  m.def(
+      "topk_grouped_sparse",
+      [](const py::handle& indices, const py::handle& logprobs, const std::string& elem_type, std::int64_t vocab_size,
+         const py::handle& group, std::int32_t n_groups, double temperature, int n_threads) {
+        TopKArg x = topk_arg(indices, logprobs, elem_type, vocab_size, temperature);
+        return x.view.type == ElemType::f64 ? topk_grouped_sparse<double>(x, group, n_groups, n_threads)
+                                            : topk_grouped_sparse<float>(x, group, n_groups, n_threads);
+      },
+      py::arg("indices"), py::arg("logprobs"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("group"),
+      py::arg("n_groups"), py::arg("temperature"), py::arg("n_threads"),
+      "(ids int64 [N, w], out [N, w]), w = min(k, G): the row's groups in id order, then padding ids at -inf.");
   m.def(
       "topk_range_logmass",
       [](const py::handle& indices, const py::handle& logprobs, const std::string& elem_type, std::int64_t vocab_size,

@@ -1440,6 +1440,55 @@ void topk_grouped_impl(const TopKRows& x, const std::int32_t* group, std::int32_
 }
 
 template <class T, class Out>
+void topk_grouped_sparse_impl(const TopKRows& x, const std::int32_t* group, std::int32_t n_groups, std::int64_t* ids,
+                              Out* out, int n_threads) {
+  const RowKernels<Out> kern = row_kernels<Out>(std::is_same_v<Out, double> ? ElemType::f64 : ElemType::f32);
+  const std::int64_t width = std::min<std::int64_t>(x.k, n_groups);
+  // A row costs about a microsecond (k = 64): a second thread pays off from a few hundred rows.
+  const int threads = thread_count(n_threads, x.n_rows * x.k * 8);
+  std::vector<SparseScratch<Out>> scratch(threads);
+  sparse_rows_for(x.n_rows, threads, [&](std::int64_t r, int tid) {
+    SparseScratch<Out>& sc = scratch[tid];
+    sparse_row<T, Out>(kern, x, r, sc.dup, sc.p);
+    const std::int64_t* tok = x.indices + r * x.k;
+    // Keys (group << 32 | entry), sorted: the row's entries grouped, groups in increasing id order.
+    sc.keys.resize(static_cast<std::size_t>(x.k));
+    for (std::int64_t j = 0; j < x.k; ++j) {
+      sc.keys[j] = static_cast<std::int64_t>(static_cast<std::uint64_t>(group[tok[j]]) << 32 | static_cast<std::uint64_t>(j));
+    }
+    for (std::int64_t j = 0; j < x.k; ++j) {
+      const std::int64_t g = sc.keys[j] >> 32;
+      if (g < 0 || g >= n_groups) bad_table("topk_grouped_sparse", "group", tok[j], g);
+    }
+    std::sort(sc.keys.begin(), sc.keys.end());
+    std::int64_t* row_ids = ids + r * width;
+    sc.mass.clear();
+    for (std::size_t i = 0; i < sc.keys.size();) {
+      const std::int64_t g = sc.keys[i] >> 32;
+      double m = 0;
+      for (; i < sc.keys.size() && (sc.keys[i] >> 32) == g; ++i) m += static_cast<double>(sc.p[sc.keys[i] & 0xffffffff]);
+      row_ids[sc.mass.size()] = g;
+      sc.mass.push_back(static_cast<Out>(m));
+    }
+    const std::int64_t used = static_cast<std::int64_t>(sc.mass.size());
+    kern.log_n(sc.mass.data(), used, sc.mass.data());  // log 0 = -inf
+    Out* row_out = out + r * width;
+    std::copy(sc.mass.begin(), sc.mass.end(), row_out);
+    // Padding: the smallest ids not among the row's groups (row_ids[0, used) is sorted).
+    std::int64_t next = 0, taken = 0;
+    for (std::int64_t slot = used; slot < width; ++slot) {
+      while (taken < used && row_ids[taken] < next) ++taken;
+      while (taken < used && row_ids[taken] == next) {
+        ++next;
+        ++taken;
+      }
+      row_ids[slot] = next++;
+      row_out[slot] = static_cast<Out>(-kInf);
+    }
+  });
+}
+
+template <class T, class Out>
 void topk_range_impl(const TopKRows& x, const std::int32_t* rank, const RangeQueries& q, Out* out, int n_threads) {
   Logits rows_view;
   rows_view.n_rows = x.n_rows;
@@ -1569,6 +1618,15 @@ void topk_grouped_logmass(const TopKRows& x, const std::int32_t* group, std::int
 }
 
 template <class Out>
+void topk_grouped_sparse(const TopKRows& x, const std::int32_t* group, std::int32_t n_groups, std::int64_t* ids,
+                         Out* out, int n_threads) {
+  check_topk("topk_grouped_sparse", x);
+  if (n_groups < 1) throw InputError("topk_grouped_sparse: n_groups must be at least 1");
+  dispatch_sparse<Out>(x.type,
+                       [&](auto t) { topk_grouped_sparse_impl<decltype(t), Out>(x, group, n_groups, ids, out, n_threads); });
+}
+
+template <class Out>
 void topk_range_logmass(const TopKRows& x, const std::int32_t* rank, const RangeQueries& q, Out* out, int n_threads) {
   check_topk("topk_range_logmass", x);
   Logits rows_view;
@@ -1582,6 +1640,10 @@ void topk_range_logmass(const TopKRows& x, const std::int32_t* rank, const Range
 
 template void topk_grouped_logmass<float>(const TopKRows&, const std::int32_t*, std::int32_t, float*, int);
 template void topk_grouped_logmass<double>(const TopKRows&, const std::int32_t*, std::int32_t, double*, int);
+template void topk_grouped_sparse<float>(const TopKRows&, const std::int32_t*, std::int32_t, std::int64_t*, float*,
+                                          int);
+template void topk_grouped_sparse<double>(const TopKRows&, const std::int32_t*, std::int32_t, std::int64_t*, double*,
+                                           int);
 template void topk_range_logmass<float>(const TopKRows&, const std::int32_t*, const RangeQueries&, float*, int);
 template void topk_range_logmass<double>(const TopKRows&, const std::int32_t*, const RangeQueries&, double*, int);
 

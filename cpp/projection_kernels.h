@@ -103,6 +103,14 @@ struct TopKRows {
 template <class Out>
 void topk_grouped_logmass(const TopKRows& x, const std::int32_t* group, std::int32_t n_groups, Out* out, int n_threads);
 
+// The same masses, sparse: ids[r, i] and out[r, i] for i < width = min(k, n_groups). A row's groups
+// (those of its k entries, -inf entries included) come first in increasing id order, then the
+// smallest ids outside them with out = -inf, so ids stay distinct. O(k log k) per row, no O(n_groups)
+// term. ids, out: [n_rows, width].
+template <class Out>
+void topk_grouped_sparse(const TopKRows& x, const std::int32_t* group, std::int32_t n_groups, std::int64_t* ids,
+                         Out* out, int n_threads);
+
 // out[q, c] = log sum_{j: rank[indices[rows q, j]] in [lo, hi)} p_j; rank: int32[vocab_size], -1 for
 // ids outside the sorted order (they fall in no range). q.order is not read; q.order_size bounds the
 // ranges. out: [Q, C].

@@ -286,6 +286,66 @@ def test_sparse_rows_equal_dense_when_k_covers_the_vocabulary(pair, text_tokens)
             assert_logs_close(sparse, dense, what=f"{op.__name__} {backend}")
 
 
+def test_sparse_projection_scatters_back_to_the_dense_projection(pair):
+    """project_to_student(TopK, sparse=True): the same masses as the dense output, O(k) ids per row."""
+    teacher, student, amap = pair
+    V, n_out = len(teacher), len(student) + 1
+    x = logits_for(5, V, seed=13, pad=0)
+    lp = torch.log_softmax(x.double(), -1).float()
+    top = torch.topk(lp, 64, dim=-1)
+    values = top.values.clone()
+    values[1, -5:] = float("-inf")  # zero-mass entries: their groups are listed at -inf
+    topk = TopK(top.indices, values)
+    dense = ops.project_to_student(topk, amap, temperature=0.7)
+    results = {}
+    for backend in (None, "reference"):
+        with ops.force_backend(backend):
+            results[backend] = ops.project_to_student(topk, amap, temperature=0.7, sparse=True)
+        assert ops.last_backend() == "topk"
+    compiled, torch_path = results[None], results["reference"]
+    assert torch.equal(compiled.indices, torch_path.indices)
+    assert_logs_close(compiled.logprobs, torch_path.logprobs, what="compiled vs pure torch")
+    for out in (compiled, torch_path):
+        assert out.indices.shape == (5, 64) and out.indices.dtype == torch.int64
+        assert int(out.indices.min()) >= 0 and int(out.indices.max()) < n_out
+        assert all(len(set(row.tolist())) == 64 for row in out.indices)  # distinct ids: a valid TopK
+        scattered = torch.full((5, n_out), float("-inf")).scatter(1, out.indices, out.logprobs)
+        assert_logs_close(scattered, dense, what="scattered sparse projection")
+    # Brute force for one row: group the kept entries by dec_S(t)[0] (specials by the map's group).
+    group = np.asarray(amap.first_student)
+    mass = {}
+    for t, v in zip(top.indices[0].tolist(), torch.log_softmax(values[0].double() / 0.7, -1).tolist()):
+        mass[int(group[t])] = mass.get(int(group[t]), 0.0) + np.exp(v + torch.logsumexp(values[0].double(), 0).item())
+    row = compiled
+    used = [(int(i), float(l)) for i, l in zip(row.indices[0], row.logprobs[0]) if l > float("-inf")]
+    assert sorted(i for i, _ in used) == sorted(mass)
+    for i, l in used:
+        assert abs(l - np.log(mass[i])) < TOL
+    # Sparse output of the sparse output's own kind: a TopK the ops accept back as rows.
+    assert isinstance(compiled, TopK)
+
+
+def test_sparse_projection_pads_and_refuses_dense_logits(small):
+    teacher, student, amap = small
+    V = len(teacher)
+    group = np.asarray(amap.first_student)
+    same = [t for t in range(V) if group[t] == group[5]][:3]
+    others = [t for t in range(V) if group[t] not in (group[5],)][:2]
+    idx = torch.tensor([same + others])
+    lp = torch.log_softmax(torch.randn(1, len(same) + len(others), generator=torch.Generator().manual_seed(1)), -1)
+    for backend in (None, "reference"):
+        with ops.force_backend(backend):
+            out = ops.project_to_student(TopK(idx, lp), amap, sparse=True)
+        u = len({int(group[t]) for t in same + others})
+        assert torch.isfinite(out.logprobs[0, :u]).all() and torch.isneginf(out.logprobs[0, u:]).all()
+        assert out.indices[0, :u].tolist() == sorted({int(group[t]) for t in same + others})
+        assert len(set(out.indices[0].tolist())) == idx.shape[1]
+    with pytest.raises(TypeError, match="sparse=True needs TopK"):
+        ops.project_to_student(torch.randn(1, V), amap, sparse=True)
+    with pytest.raises(ValueError, match="more than once"):
+        ops.project_to_student(TopK(torch.tensor([[0, 0]]), torch.tensor([[-1.0, -2.0]])), amap, sparse=True)
+
+
 def test_sparse_rows_use_the_kept_mass_as_given(vocab_of):
     vocab = vocab_of("mistral-v1")
     V = len(vocab)
@@ -345,6 +405,8 @@ def test_gradcheck_float64_on_real_small_vocabularies(small):
     idx = torch.stack([torch.randperm(V, generator=torch.Generator().manual_seed(r))[:40] for r in range(2)])
     lp = torch.log_softmax(x.detach(), -1).gather(1, idx).requires_grad_()
     for name, fn in (("topk project", lambda y: ops.project_to_student(TopK(idx, y), amap, temperature=0.5)),
+                     ("topk sparse project",
+                      lambda y: ops.project_to_student(TopK(idx, y), amap, temperature=0.5, sparse=True).logprobs),
                      ("topk conditional", lambda y: ops.byte_conditional_logprobs(TopK(idx, y), teacher, [0, 1], nodes[:2]))):
         assert torch.autograd.gradcheck(_finite_part(fn, lp), (lp,), fast_mode=True), name
 

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - the package is unusable without its co
 
 __all__ = [
     "available", "grouped_logmass", "grouped_logmass_backward", "range_logmass", "range_logmass_backward",
-    "topk_grouped_logmass", "topk_range_logmass", "num_threads", "set_num_threads", "kernel_isa", "set_kernel_isa",
+    "topk_grouped_logmass", "topk_grouped_sparse", "topk_range_logmass", "num_threads", "set_num_threads", "kernel_isa", "set_kernel_isa",
 ]
 
 _ELEM_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -131,6 +131,15 @@ def topk_grouped_logmass(indices, logprobs, vocab_size, group, n_groups, tempera
     out = _core.topk_grouped_logmass(idx, lp, elem_type, int(vocab_size), _np(group, torch.int32), int(n_groups),
                                      float(temperature), num_threads())
     return torch.from_numpy(out)
+
+
+def topk_grouped_sparse(indices, logprobs, vocab_size, group, n_groups, temperature):
+    """Sparse rows -> (ids int64 [N, w], out [N, w]), w = min(k, G): each row's groups in id order, then
+    padding ids at -inf (reference.topk_grouped_sparse's layout); validates like topk_grouped_logmass."""
+    idx, lp, elem_type = _topk_view(indices, logprobs)
+    ids, out = _core.topk_grouped_sparse(idx, lp, elem_type, int(vocab_size), _np(group, torch.int32), int(n_groups),
+                                         float(temperature), num_threads())
+    return torch.from_numpy(ids), torch.from_numpy(out)
 
 
 def topk_range_logmass(indices, logprobs, vocab_size, rank, order_size, rows, lo, hi, temperature):

@@ -65,11 +65,12 @@ OPS = {
     "cover": "cover_logmass(logits, amap) -> [N, V_s]",
     "next_byte_topk": "next_byte_logprobs(TopK) -> [N, 257]",
     "project_topk": "project_to_student(TopK) -> [N, V_s + 1]",
+    "project_topk_sparse": "project_to_student(TopK, sparse=True) -> TopK [N, k]",
     "cover_topk": "cover_logmass(TopK) -> [N, V_s]",
     "uld": "ULD loss, top-k (ctalign.losses) vs the full sort-based formulation",
 }
 _BYTE_OPS = {"next_byte", "byte_conditional", "next_byte_topk"}
-_TOPK_OPS = {"next_byte_topk", "project_topk", "cover_topk"}
+_TOPK_OPS = {"next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk"}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _PAD_TO = 128  # logits widths are rounded up like a model's padded output layer
 _SEED = 1234
@@ -532,7 +533,7 @@ def _out_cols(op: str, n_student: int | None) -> int:
     """Columns of an op's output row."""
     vs = n_student or 0
     return {"next_byte": 257, "byte_conditional": 257, "next_byte_topk": 257, "project": vs + 1,
-            "project_within": vs + 1, "project_topk": vs + 1, "cover": vs, "cover_topk": vs, "uld": 1}[op]
+            "project_within": vs + 1, "project_topk": vs + 1, "project_topk_sparse": 64, "cover": vs, "cover_topk": vs, "uld": 1}[op]
 
 
 def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) -> Prepared:
@@ -632,7 +633,7 @@ def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) ->
         p.dense_note = f"n/a (no fixed matrix: one per {prefix} prefix)"
         return p
 
-    if case.op in ("next_byte_topk", "project_topk", "cover_topk"):
+    if case.op in _TOPK_OPS:
         k = case.k or 64
         logp = torch.log_softmax(x[:, :V].float(), -1)
         vals, idx = torch.topk(logp, min(k, V), dim=-1)
@@ -640,15 +641,20 @@ def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) ->
         topk = ops.TopK(idx, vals)
         dense_fn = {"next_byte_topk": lambda: ops.next_byte_logprobs(x, vt),
                     "project_topk": lambda: ops.project_to_student(x, amap),
+                    "project_topk_sparse": lambda: ops.project_to_student(x, amap),
                     "cover_topk": lambda: ops.cover_logmass(x, amap)}[case.op]
         sparse_fn = {"next_byte_topk": lambda: ops.next_byte_logprobs(topk, vt),
                      "project_topk": lambda: ops.project_to_student(topk, amap),
+                     "project_topk_sparse": lambda: ops.project_to_student(topk, amap, sparse=True),
                      "cover_topk": lambda: ops.cover_logmass(topk, amap)}[case.op]
         p = Prepared(run=sparse_fn, logits=vals, bytes_read=idx.numel() * idx.element_size() + vals.numel() * 4)
         p.extra["topk"] = topk
-        # sparse rows always take ctalign's pure-torch O(k) path; the alternatives timed here are a
-        # direct scatter (grouped ops) and scattering the rows back to dense [N, V] (cover)
-        if case.op in ("next_byte_topk", "project_topk"):
+        # sparse rows run the compiled O(k) kernels on CPU (pure torch elsewhere); the alternatives
+        # timed here are a direct scatter (grouped ops), scattering the rows back to dense [N, V]
+        # (cover) and, for the sparse output, the same op on ctalign's pure-torch path
+        if case.op == "project_topk_sparse":  # the alternative: the same sparse output in pure torch
+            p.torch_variants["reference"] = _on_reference(sparse_fn)
+        elif case.op in ("next_byte_topk", "project_topk"):
             gnp = ws.table(tkey + ("first_byte",), lambda: _first_byte(vt)) if case.op == "next_byte_topk" \
                 else ws.table(mkey + ("first_student",), lambda: _map_array(amap, "first_student"))
             G = 257 if case.op == "next_byte_topk" else Vs + 1
@@ -734,6 +740,10 @@ def compare_outputs(out, ref) -> dict:
     """Agreement of an op's log-probability output with the reference's (see the tolerances above)."""
     import torch
 
+    if hasattr(out, "logprobs") and hasattr(ref, "logprobs"):  # sparse outputs (TopK): the same ids, then values
+        if out.indices.shape != ref.indices.shape or not torch.equal(out.indices.cpu(), ref.indices.cpu()):
+            return {"check_error": "sparse outputs list different ids"}
+        out, ref = out.logprobs, ref.logprobs
     if out is None or ref is None or not hasattr(out, "shape") or out.shape != ref.shape:
         return {"check_error": "shapes differ" if hasattr(out, "shape") else "no output"}
     a = out.detach().double()
@@ -783,7 +793,7 @@ def run_case(ws: Workspace, case: Case, opts: "Options") -> dict:
             return rec
         vt = ws.vocab(case.teacher)
         rec["V_teacher"] = len(vt)
-        rec["width"] = int(p.logits.shape[-1]) if case.op not in ("next_byte_topk", "project_topk", "cover_topk") else _padded(len(vt))
+        rec["width"] = int(p.logits.shape[-1]) if case.op not in _TOPK_OPS else _padded(len(vt))
         if case.student and case.op not in _BYTE_OPS:
             rec["V_student"] = len(ws.vocab(case.student))
         rec["queries"] = p.queries
@@ -941,13 +951,13 @@ def plan(args, devices: list[str]) -> list[Case]:
         if "ops" in sections:
             for i, (t, s) in enumerate(pairs):
                 for op in ops_sel:
-                    if op in ("next_byte_topk", "project_topk", "cover_topk", "uld") and not args.pairs and i > 0:
+                    if (op in _TOPK_OPS or op == "uld") and not args.pairs and i > 0:
                         continue  # top-k and ULD at the first (150k) pair only
                     if op in ("byte_conditional", "project_within") and not args.pairs and i > 0:
                         continue  # within-token queries at the first pair only
                     if op == "cover" and not args.pairs and t == SYNTHETIC_VOCAB:
                         continue
-                    k = (args.k or 64) if op.endswith("_topk") or op == "uld" else None
+                    k = (args.k or 64) if op in _TOPK_OPS or op == "uld" else None
                     for dt in dtypes:
                         cases.append(Case("ops", op, t, s, dt, rows, k, dev))
                     # bf16 logits, the usual training dtype, for the main ops at the first pair

@@ -199,6 +199,30 @@ class _TopKGrouped(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+class _TopKGroupedSparse(torch.autograd.Function):
+    """Sparse rows to sparse groups on CPU: the compiled forward (ids, log masses); the backward
+    differentiates the reference, which lays out the same ids in the same order."""
+
+    @staticmethod
+    def forward(ctx, logprobs, indices, vocab_size, group, n_groups, temperature):
+        ids, out = _cpu_backend.topk_grouped_sparse(indices, logprobs, vocab_size, group, n_groups, temperature)
+        ctx.save_for_backward(logprobs, indices, group)
+        ctx.args = (n_groups, temperature)
+        ctx.mark_non_differentiable(ids)
+        return ids, out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ids, grad_out):
+        logprobs, indices, group = ctx.saved_tensors
+        n_groups, temperature = ctx.args
+        with torch.enable_grad():
+            lp = logprobs.detach().requires_grad_()
+            _, out = reference.topk_grouped_sparse(indices, lp, group, n_groups, temperature)
+            (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
+        return grad, None, None, None, None, None
+
+
 class _TopKRange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs, indices, vocab_size, rank, rank32, order_size, rows, lo, hi, temperature):
@@ -626,14 +650,35 @@ def byte_conditional_logprobs(logits, vocab, rows, prefixes, *, temperature: flo
                         temperature, bool(drop_end))
 
 
-def project_to_student(logits, amap, *, temperature: float = 1.0, teacher=None, student=None) -> torch.Tensor:
+def project_to_student(logits, amap, *, temperature: float = 1.0, teacher=None, student=None,
+                       sparse: bool = False):
     """Next student token at a teacher boundary: ``[..., V_s + 1]``, ``q(s) = sum_{dec_S(t)[0] = s} p(t)``;
     teacher specials go to the student special of their role, else to the last column (``end``).
 
-    ``teacher`` / ``student``: optional vocabularies to check the map against (fingerprints)."""
+    ``sparse=True`` (``TopK`` rows only): the result is a ``TopK`` of student ids in ``[0, V_s]``
+    (``V_s`` is ``end``) and their log-probabilities, ``[..., min(k, V_s + 1)]``, so a row costs
+    O(k log k) instead of a ``V_s + 1`` wide row: the u student tokens a row's k teacher tokens land
+    on, in increasing id order, then padding ids (distinct, unused) at ``-inf``. Scattered into ``[..., V_s + 1]`` it equals
+    the dense result. ``teacher`` / ``student``: optional vocabularies to check the map against
+    (fingerprints)."""
+    global _last_backend
     op = "project_to_student"
     maps, _, _ = _map_tables(amap)
     _check_map_vocabs(op, amap, teacher, student)
+    if sparse:
+        if not isinstance(logits, TopK):
+            raise TypeError(f"{op}: sparse=True needs TopK teacher rows, got {type(logits).__name__}")
+        t = _check_temperature(op, temperature)
+        compiled = _compiled_topk(logits.indices) if isinstance(logits.indices, torch.Tensor) else False
+        what = "the map's teacher vocabulary"
+        idx, lp, lead = _topk_rows(op, logits, maps.n_teacher, what, deep=not compiled)
+        group, n_groups = maps.on(idx.device)["group"], maps.n_student + 1
+        if compiled:
+            ids, logmass = _compiled_call(op, _TopKGroupedSparse.apply, lp, idx, maps.n_teacher, group, n_groups, t)
+        else:
+            ids, logmass = reference.topk_grouped_sparse(idx, lp, group, n_groups, t)
+        _last_backend = "topk"
+        return TopK(ids.reshape(*lead, ids.shape[-1]), logmass.reshape(*lead, ids.shape[-1]))
     return _grouped(op, logits, maps.n_teacher, "the map's teacher vocabulary", maps, maps.n_student + 1,
                     temperature)
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "available", "grouped_logmass", "range_logmass", "topk_grouped_logmass", "topk_range_logmass",
+    "available", "grouped_logmass", "range_logmass", "topk_grouped_logmass", "topk_grouped_sparse",
+    "topk_range_logmass",
     "safe_log", "tempered_logprobs", "DIRECT_SUM_BELOW",
 ]
 
@@ -143,6 +144,44 @@ def topk_grouped_logmass(indices: torch.Tensor, logprobs: torch.Tensor, group: t
     g = group.to(indices.device, torch.int64)[indices]
     mass = torch.zeros(p.shape[0], n_groups, dtype=torch.float64, device=p.device).scatter_add(1, g, p)
     return safe_log(mass).to(out_dtype)
+
+
+def topk_grouped_sparse(indices: torch.Tensor, logprobs: torch.Tensor, group: torch.Tensor, n_groups: int,
+                        temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups of the kept entries and their log masses, sparse: ``(ids [N, w], logmass [N, w])``
+    with ``w = min(k, n_groups)``. A row's u groups (those of its k entries, ``-inf`` entries included)
+    come first in increasing id order, then ``w - u`` padding ids (the smallest ids outside the row's
+    groups, so ids stay distinct) with log mass -inf; the compiled kernel keeps the same order. Equal, once scattered into ``[N, n_groups]``, to
+    :func:`topk_grouped_logmass`; O(k log k) per row, never O(n_groups)."""
+    p, out_dtype = _topk_probs(logprobs, temperature)
+    n_rows, k = indices.shape
+    device = indices.device
+    width = min(k, n_groups)
+    if n_rows == 0 or width == 0:
+        return (torch.zeros(n_rows, width, dtype=torch.int64, device=device),
+                torch.zeros(n_rows, width, dtype=out_dtype, device=device))
+    g = group.to(device, torch.int64)[indices]
+    g_sorted, perm = torch.sort(g, dim=-1)
+    p_sorted = p.gather(-1, perm)
+    first = torch.ones_like(g_sorted, dtype=torch.bool)
+    first[:, 1:] = g_sorted[:, 1:] != g_sorted[:, :-1]
+    segment = torch.cumsum(first, dim=-1) - 1  # slot of each entry's group, groups in id order
+    n_used = first.sum(dim=-1, keepdim=True)
+    mass = torch.zeros(n_rows, k, dtype=p.dtype, device=device).scatter_add(1, segment, p_sorted)
+    ids = torch.zeros(n_rows, k, dtype=torch.int64, device=device).scatter(1, segment, g_sorted)
+    # Padding ids: the smallest ids outside the row's groups (among the first min(2k, n_groups) ids,
+    # of which at most u are taken, so enough are free).
+    candidates = torch.arange(min(2 * k, n_groups), device=device).expand(n_rows, -1).contiguous()
+    at = torch.searchsorted(g_sorted, candidates).clamp(max=k - 1)
+    free = g_sorted.gather(-1, at) != candidates
+    rank = torch.cumsum(free, dim=-1) - 1
+    take = free & (rank < width - n_used)
+    slot = torch.where(take, n_used + rank, torch.full_like(rank, k))
+    ids = torch.cat([ids, torch.zeros(n_rows, 1, dtype=torch.int64, device=device)], dim=1)
+    ids = ids.scatter(1, slot, candidates)[:, :width]
+    used = torch.arange(width, device=device) < n_used
+    logmass = torch.where(used, safe_log(mass[:, :width]), torch.full_like(mass[:, :width], float("-inf")))
+    return ids, logmass.to(out_dtype)
 
 
 def topk_range_logmass(indices: torch.Tensor, logprobs: torch.Tensor, rank: torch.Tensor, order_size: int,
