@@ -317,6 +317,81 @@ kernels::Isa parse_isa(const std::string& name) {
 
 }  // namespace
 
+
+// The trie's node arrays and the queries of trie_conditional_logprobs, kept alive with their views.
+struct TrieArgs {
+  using I32 = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
+  using I64 = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+  I32 order, child_start, child_node, node_lo, node_hi, node_end, node_symbol;
+  I64 rows, nodes;
+  kernels::TrieQueries q;
+};
+
+TrieArgs trie_args(const py::handle& order, const py::tuple& trie, const py::handle& rows, const py::handle& nodes,
+                   std::int64_t width, bool drop_end) {
+  if (trie.size() != 6) {
+    throw py::value_error("trie: expected (child_start, child_node, node_lo, node_hi, node_end, node_symbol)");
+  }
+  TrieArgs a;
+  a.order = array_arg<std::int32_t>(order, "order");
+  a.child_start = array_arg<std::int32_t>(trie[0], "child_start");
+  a.child_node = array_arg<std::int32_t>(trie[1], "child_node");
+  a.node_lo = array_arg<std::int32_t>(trie[2], "node_lo");
+  a.node_hi = array_arg<std::int32_t>(trie[3], "node_hi");
+  a.node_end = array_arg<std::int32_t>(trie[4], "node_end");
+  a.node_symbol = array_arg<std::int32_t>(trie[5], "node_symbol");
+  a.rows = array_arg<std::int64_t>(rows, "rows");
+  a.nodes = array_arg<std::int64_t>(nodes, "nodes");
+  const std::int64_t n_nodes = a.node_lo.shape(0);
+  if (a.node_hi.shape(0) != n_nodes || a.node_end.shape(0) != n_nodes || a.node_symbol.shape(0) != n_nodes ||
+      a.child_start.shape(0) != n_nodes + 1 || a.child_node.shape(0) < std::max<std::int64_t>(0, n_nodes - 1)) {
+    throw py::value_error("trie: node arrays differ in length");
+  }
+  if (a.rows.shape(0) != a.nodes.shape(0)) {
+    throw py::value_error("rows has " + std::to_string(a.rows.shape(0)) + " entries but nodes has " +
+                          std::to_string(a.nodes.shape(0)));
+  }
+  for (std::int64_t v = 0; v <= n_nodes; ++v) {  // child ids are checked per query node; their slice here
+    const std::int32_t c = a.child_start.data()[v];
+    if (c < 0 || c > a.child_node.shape(0) || (v > 0 && c < a.child_start.data()[v - 1])) {
+      throw py::value_error("trie: child_start is not a non-decreasing offset table into child_node");
+    }
+  }
+  a.q.order = a.order.data();
+  a.q.order_size = a.order.shape(0);
+  a.q.trie = kernels::TrieNodes{a.child_start.data(), a.child_node.data(), a.node_lo.data(), a.node_hi.data(),
+                                a.node_end.data(), a.node_symbol.data(), n_nodes};
+  a.q.rows = a.rows.data();
+  a.q.nodes = a.nodes.data();
+  a.q.n_queries = a.rows.shape(0);
+  a.q.width = width;
+  a.q.drop_end = drop_end;
+  return a;
+}
+
+template <class Out>
+py::tuple trie_forward(LogitsArg& x, TrieArgs& t, int n_threads) {
+  py::array_t<Out> out = new_output<Out>(t.q.n_queries, t.q.width);
+  py::array_t<Out> lse(static_cast<py::ssize_t>(x.view.n_rows));
+  {
+    py::gil_scoped_release release;
+    kernels::trie_conditional_logprobs<Out>(x.view, t.q, out.mutable_data(), lse.mutable_data(), n_threads);
+  }
+  return py::make_tuple(out, lse);
+}
+
+template <class Out>
+py::array trie_backward(LogitsArg& x, TrieArgs& t, const py::handle& grad_obj, int n_threads) {
+  auto grad_out = out_arg<Out>(grad_obj, "grad_out", t.q.n_queries, t.q.width);
+  py::array_t<Out> grad = new_output<Out>(x.view.n_rows, x.width);
+  {
+    py::gil_scoped_release release;
+    kernels::trie_conditional_logprobs_backward<Out>(x.view, t.q, grad_out.data(), grad.mutable_data(), x.width,
+                                                     n_threads);
+  }
+  return grad;
+}
+
 void bind_projection_kernels(py::module_& m) {
   m.def(
       "grouped_logmass",
@@ -399,6 +474,31 @@ void bind_projection_kernels(py::module_& m) {
       py::arg("indices"), py::arg("logprobs"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("rank"),
       py::arg("order_size"), py::arg("rows"), py::arg("lo"), py::arg("hi"), py::arg("temperature"), py::arg("n_threads"),
       "out [Q, C] of range log masses from sparse rows (rank: int32[V], -1 outside the order).");
+  m.def(
+      "trie_conditional_logprobs",
+      [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& order,
+         const py::tuple& trie, const py::handle& rows, const py::handle& nodes, std::int64_t width, bool drop_end,
+         double temperature, int n_threads) {
+        LogitsArg x = logits_arg(logits, elem_type, vocab_size, temperature);
+        TrieArgs t = trie_args(order, trie, rows, nodes, width, drop_end);
+        return x.view.type == ElemType::f64 ? trie_forward<double>(x, t, n_threads) : trie_forward<float>(x, t, n_threads);
+      },
+      py::arg("logits"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("order"), py::arg("trie"), py::arg("rows"),
+      py::arg("nodes"), py::arg("width"), py::arg("drop_end"), py::arg("temperature"), py::arg("n_threads"),
+      "(out [Q, width], lse [N]): next-symbol log-probabilities below trie nodes (trie: the six node arrays).");
+  m.def(
+      "trie_conditional_logprobs_backward",
+      [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& order,
+         const py::tuple& trie, const py::handle& rows, const py::handle& nodes, std::int64_t width, bool drop_end,
+         double temperature, const py::handle& grad_out, int n_threads) {
+        LogitsArg x = logits_arg(logits, elem_type, vocab_size, temperature);
+        TrieArgs t = trie_args(order, trie, rows, nodes, width, drop_end);
+        return x.view.type == ElemType::f64 ? trie_backward<double>(x, t, grad_out, n_threads)
+                                            : trie_backward<float>(x, t, grad_out, n_threads);
+      },
+      py::arg("logits"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("order"), py::arg("trie"), py::arg("rows"),
+      py::arg("nodes"), py::arg("width"), py::arg("drop_end"), py::arg("temperature"), py::arg("grad_out"),
+      py::arg("n_threads"), "grad_logits [N, W] of trie_conditional_logprobs (zero in padding columns).");
   m.def(
       "compact_child_ranges",
       [](const py::handle& child_start, const py::handle& child_node, const py::handle& node_lo,

@@ -1288,6 +1288,195 @@ void range_backward(const Logits& x, const RangeQueries& q, const Out* out, cons
   });
 }
 
+
+// ---- trie-node conditionals -----------------------------------------------------------------
+// Validates rows, nodes and the order once per call: ids in [0, V), node ranges inside the order,
+// children in range whose ranges tile [end, hi) in order, symbols below the output's symbol columns.
+void check_trie_queries(const char* op, const Logits& x, const TrieQueries& q) {
+  const std::string name(op);
+  const TrieNodes& t = q.trie;
+  const std::int64_t n_sym = q.drop_end ? q.width : q.width - 1;
+  if (n_sym < 0) throw InputError(name + ": width must be at least 1 with the end column");
+  for (std::int64_t i = 0; i < q.order_size; ++i) {
+    if (q.order[i] < 0 || q.order[i] >= x.vocab_size) {
+      throw InputError(name + ": order[" + std::to_string(i) + "] = " + std::to_string(q.order[i]) +
+                       " is outside the vocabulary [0, " + std::to_string(x.vocab_size) + ")");
+    }
+  }
+  auto bad_node = [&](std::int64_t v, const std::string& what) {
+    throw InputError(name + ": trie node " + std::to_string(v) + " " + what);
+  };
+  for (std::int64_t i = 0; i < q.n_queries; ++i) {
+    const std::int64_t r = q.rows[i], v = q.nodes[i];
+    if (r < 0 || r >= x.n_rows) {
+      throw InputError(name + ": rows[" + std::to_string(i) + "] = " + std::to_string(r) + " is outside [0, " +
+                       std::to_string(x.n_rows) + ")");
+    }
+    if (v < 0 || v >= t.n_nodes) {
+      throw InputError(name + ": nodes[" + std::to_string(i) + "] = " + std::to_string(v) + " is outside [0, " +
+                       std::to_string(t.n_nodes) + ")");
+    }
+    const std::int64_t lo = t.node_lo[v], end = t.node_end[v], hi = t.node_hi[v];
+    if (!(0 <= lo && lo <= end && end <= hi && hi <= q.order_size)) bad_node(v, "has a range outside the order");
+    std::int64_t pos = end;
+    for (std::int64_t j = t.child_start[v]; j < t.child_start[v + 1]; ++j) {
+      const std::int64_t c = t.child_node[j];
+      if (c < 0 || c >= t.n_nodes) bad_node(v, "has a child outside the table");
+      if (t.node_lo[c] != pos || t.node_hi[c] < pos) bad_node(v, "has children whose ranges do not tile its own");
+      if (t.node_symbol[c] < 0 || t.node_symbol[c] >= n_sym) {
+        bad_node(v, "has a child symbol " + std::to_string(t.node_symbol[c]) + " outside [0, " + std::to_string(n_sym) +
+                        ")");
+      }
+      pos = t.node_hi[c];
+    }
+    if (pos != hi) bad_node(v, "has children whose ranges do not tile its own");
+  }
+}
+
+// Sum of e over order positions [lo, hi), in double.
+template <class C>
+double order_mass(const C* e, const std::int32_t* order, std::int64_t lo, std::int64_t hi) {
+  double s = 0;
+  for (std::int64_t i = lo; i < hi; ++i) s += static_cast<double>(e[order[i]]);
+  return s;
+}
+
+// Masses of a query's node: mass[j] for child j (symbol order), *end_mass = [lo, end), *den the
+// denominator ([lo, hi) or [end, hi) with drop_end).
+template <class C>
+void node_masses(const C* e, const TrieQueries& q, std::int64_t v, std::vector<double>& mass, double* end_mass,
+                 double* den) {
+  const TrieNodes& t = q.trie;
+  const std::int64_t c0 = t.child_start[v], n = t.child_start[v + 1] - c0;
+  mass.resize(n);
+  double kids = 0;
+  for (std::int64_t j = 0; j < n; ++j) {
+    const std::int32_t c = t.child_node[c0 + j];
+    mass[j] = order_mass(e, q.order, t.node_lo[c], t.node_hi[c]);
+    kids += mass[j];
+  }
+  *end_mass = order_mass(e, q.order, t.node_lo[v], t.node_end[v]);
+  *den = q.drop_end ? kids : kids + *end_mass;
+}
+
+template <class C, class Out>
+void trie_forward(const Logits& x, const TrieQueries& q, Out* out, Out* lse, int n_threads) {
+  const RowKernels<C> k = row_kernels<C>(x.type);
+  const std::int64_t v = x.vocab_size, width = q.width;
+  const C scale = static_cast<C>(1.0 / x.temperature);
+  RangeQueries by_row;
+  by_row.rows = q.rows;
+  by_row.n_queries = q.n_queries;
+  const QueriesByRow byrow = group_queries(x, by_row);
+  for (std::int64_t r = 0; r < x.n_rows; ++r) lse[r] = 0;
+  const std::int64_t n_active = static_cast<std::int64_t>(byrow.active_rows.size());
+  const int threads = thread_count(n_threads, n_active * v + q.n_queries * width);
+  std::vector<RangeScratch<C>> scratch(threads);
+  std::vector<std::vector<Out>> logs_of(threads);
+
+  parallel_for(n_active, threads, [&](std::int64_t item, int tid) {
+    RangeScratch<C>& sc = scratch[tid];
+    std::vector<Out>& logs = logs_of[tid];
+    sc.e.resize(v);
+    const std::int64_t r = byrow.active_rows[item];
+    const char* row = row_ptr(x, r);
+    RowStats<C> st;
+    k.stats(row, v, scale, &st);
+    const bool bad = row_is_bad(st.max, st.min, st.nan);
+    double z = 1, shift = 0;
+    if (!bad) {
+      shift = st.max;
+      z = k.exp_store(row, v, scale, static_cast<C>(shift), sc.e.data());
+    }
+    for (std::int64_t j = byrow.start[r]; j < byrow.start[r + 1]; ++j) {
+      const std::int64_t qi = byrow.ids[j];
+      Out* o = out + qi * width;
+      if (bad) {
+        std::fill(o, o + width, static_cast<Out>(kNaN));
+        continue;
+      }
+      std::fill(o, o + width, static_cast<Out>(-kInf));
+      const std::int64_t node = q.nodes[qi];
+      double end_mass = 0, den = 0;
+      node_masses(sc.e.data(), q, node, sc.mass, &end_mass, &den);
+      if (!(den > 0)) continue;  // a node without mass: a row of -inf
+      const std::int64_t n = static_cast<std::int64_t>(sc.mass.size());
+      sc.mass.push_back(end_mass);
+      logs.resize(n + 1);
+      log_masses(k, sc.mass.data(), n + 1, den, sc.logs, logs.data());
+      const std::int32_t* kids = q.trie.child_node + q.trie.child_start[node];
+      for (std::int64_t c = 0; c < n; ++c) o[q.trie.node_symbol[kids[c]]] = logs[c];
+      if (!q.drop_end) o[width - 1] = logs[n];
+    }
+    lse[r] = static_cast<Out>(bad ? kNaN : shift + std::log(z) - kBias<C> * kLn2);
+  });
+}
+
+// d out[q, j] / d x_t = (e_t / T) (1[t in j] / mass_j - 1[t in den] / mass_den); every t of the
+// denominator lies in exactly one output's range, so the gradient is (e_t / T) (g_j / mass_j -
+// G / mass_den) with G the summed gradient of the query's outputs that have mass (the others are
+// -inf constants). Masses are recomputed from the row as in the forward.
+template <class C, class Out>
+void trie_backward(const Logits& x, const TrieQueries& q, const Out* grad_out, Out* grad, std::int64_t grad_width,
+                   int n_threads) {
+  const RowKernels<C> k = row_kernels<C>(x.type);
+  const std::int64_t v = x.vocab_size, width = q.width;
+  const double scale_d = 1.0 / x.temperature;
+  const C scale = static_cast<C>(scale_d);
+  RangeQueries by_row;
+  by_row.rows = q.rows;
+  by_row.n_queries = q.n_queries;
+  const QueriesByRow byrow = group_queries(x, by_row);
+  const int threads = thread_count(n_threads, x.n_rows * v + q.n_queries * width);
+  std::vector<RangeScratch<C>> scratch(threads);
+
+  parallel_for(x.n_rows, threads, [&](std::int64_t r, int tid) {
+    Out* dx = grad + r * grad_width;
+    std::fill(dx, dx + grad_width, Out(0));
+    if (byrow.start[r + 1] == byrow.start[r]) return;
+    RangeScratch<C>& sc = scratch[tid];
+    sc.e.resize(v);
+    const char* row = row_ptr(x, r);
+    RowStats<C> st;
+    k.stats(row, v, scale, &st);
+    if (row_is_bad(st.max, st.min, st.nan)) {
+      std::fill(dx, dx + grad_width, static_cast<Out>(kNaN));
+      return;
+    }
+    k.exp_store(row, v, scale, st.max, sc.e.data());
+    const C* e = sc.e.data();
+    for (std::int64_t j = byrow.start[r]; j < byrow.start[r + 1]; ++j) {
+      const std::int64_t qi = byrow.ids[j];
+      const Out* g = grad_out + qi * width;
+      const std::int64_t node = q.nodes[qi];
+      double end_mass = 0, den = 0;
+      node_masses(e, q, node, sc.mass, &end_mass, &den);
+      if (!(den > 0)) continue;
+      const std::int32_t* kids = q.trie.child_node + q.trie.child_start[node];
+      const std::int64_t n = static_cast<std::int64_t>(sc.mass.size());
+      const double g_end = q.drop_end ? 0.0 : static_cast<double>(g[width - 1]);
+      double gsum = end_mass > 0 ? g_end : 0.0;
+      for (std::int64_t c = 0; c < n; ++c) {
+        if (sc.mass[c] > 0) gsum += static_cast<double>(g[q.trie.node_symbol[kids[c]]]);
+      }
+      const double u = gsum / den;
+      auto add = [&](std::int64_t lo, std::int64_t hi, double coef) {
+        const double w = (coef - u) * scale_d;
+        for (std::int64_t i = lo; i < hi; ++i) {
+          const std::int32_t id = q.order[i];
+          dx[id] = static_cast<Out>(static_cast<double>(dx[id]) + static_cast<double>(e[id]) * w);
+        }
+      };
+      if (!q.drop_end) add(q.trie.node_lo[node], q.trie.node_end[node], end_mass > 0 ? g_end / end_mass : 0.0);
+      for (std::int64_t c = 0; c < n; ++c) {
+        const std::int32_t child = kids[c];
+        const double coef = sc.mass[c] > 0 ? static_cast<double>(g[q.trie.node_symbol[child]]) / sc.mass[c] : 0.0;
+        add(q.trie.node_lo[child], q.trie.node_hi[child], coef);
+      }
+    }
+  });
+}
+
 // ---- sparse rows ----------------------------------------------------------------------------
 template <class T>
 double logprob_at(const void* p, std::int64_t i) {
@@ -1659,6 +1848,34 @@ template void range_logmass_backward<float>(const Logits&, const RangeQueries&, 
                                             const float*, float*, std::int64_t, int);
 template void range_logmass_backward<double>(const Logits&, const RangeQueries&, const double*, const double*,
                                              const double*, double*, std::int64_t, int);
+
+
+template <class Out>
+void trie_conditional_logprobs(const Logits& x, const TrieQueries& q, Out* out, Out* lse, int n_threads) {
+  check_logits("trie_conditional_logprobs", x);
+  check_out_type<Out>("trie_conditional_logprobs", x.type);
+  check_trie_queries("trie_conditional_logprobs", x, q);
+  trie_forward<Compute<Out>, Out>(x, q, out, lse, n_threads);
+}
+
+template <class Out>
+void trie_conditional_logprobs_backward(const Logits& x, const TrieQueries& q, const Out* grad_out, Out* grad,
+                                        std::int64_t grad_width, int n_threads) {
+  check_logits("trie_conditional_logprobs_backward", x);
+  check_out_type<Out>("trie_conditional_logprobs_backward", x.type);
+  check_trie_queries("trie_conditional_logprobs_backward", x, q);
+  if (grad_width < x.vocab_size) {
+    throw InputError("trie_conditional_logprobs_backward: grad_width is smaller than vocab_size");
+  }
+  trie_backward<Compute<Out>, Out>(x, q, grad_out, grad, grad_width, n_threads);
+}
+
+template void trie_conditional_logprobs<float>(const Logits&, const TrieQueries&, float*, float*, int);
+template void trie_conditional_logprobs<double>(const Logits&, const TrieQueries&, double*, double*, int);
+template void trie_conditional_logprobs_backward<float>(const Logits&, const TrieQueries&, const float*, float*,
+                                                        std::int64_t, int);
+template void trie_conditional_logprobs_backward<double>(const Logits&, const TrieQueries&, const double*, double*,
+                                                         std::int64_t, int);
 
 std::int64_t max_children(const TrieNodes& t, const std::int64_t* nodes, std::int64_t q) {
   std::int64_t k = 0;

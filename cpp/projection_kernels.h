@@ -135,6 +135,31 @@ std::int64_t max_children(const TrieNodes& t, const std::int64_t* nodes, std::in
 void compact_child_ranges(const TrieNodes& t, const std::int64_t* nodes, std::int64_t q, std::int64_t k,
                           std::int64_t filler, std::int32_t* lo, std::int32_t* hi, std::int64_t* symbol);
 
+// Trie-node conditionals from dense rows, without the [Q, children] range tables: query q reads
+// row rows[q] and node nodes[q], whose children's ranges tile [end, hi) of `order`; out[q, symbol(c)]
+// = log mass(c) - log mass(den) for each child c, out[q, width - 1] = log mass([lo, end)) - log
+// mass(den) (the end column, absent with drop_end), -inf elsewhere; den = [lo, hi), or [end, hi)
+// with drop_end; a node without mass gives a row of -inf. Masses are direct double sums of the row's
+// e^(x/T - max) over the order positions, so ratios keep their relative precision at any size.
+// Cost: one e^x pass per row some query reads, then O(node range + width) per query. Invalid rows,
+// nodes, order ids or child symbols (>= width - 1, or >= width with drop_end) throw InputError.
+// out: [Q, width]; lse: [n_rows] (0 for rows no query reads). Backward: grad [n_rows, grad_width]
+// (zero for rows no query reads and padding columns); outputs without mass carry no gradient.
+struct TrieQueries {
+  const std::int32_t* order = nullptr;  // [M] token ids in trie order
+  std::int64_t order_size = 0;
+  TrieNodes trie;
+  const std::int64_t* rows = nullptr;   // [Q]
+  const std::int64_t* nodes = nullptr;  // [Q]
+  std::int64_t n_queries = 0;
+  std::int64_t width = 0;
+  bool drop_end = false;
+};
+template <class Out>
+void trie_conditional_logprobs(const Logits& x, const TrieQueries& q, Out* out, Out* lse, int n_threads);
+template <class Out>
+void trie_conditional_logprobs_backward(const Logits& x, const TrieQueries& q, const Out* grad_out, Out* grad,
+                                        std::int64_t grad_width, int n_threads);
 // Instruction set of the float kernels, picked once from cpuid (the best the CPU runs); tests and
 // benchmarks may force a lower one. Throws InputError for one this CPU cannot run.
 enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };

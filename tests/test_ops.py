@@ -639,6 +639,40 @@ def test_compiled_and_torch_child_ranges_agree(pair):
         assert a[3] == b[3] and all(torch.equal(u.long(), w.long()) for u, w in zip(a[:3], b[:3]))
 
 
+
+def test_trie_conditional_kernel_rejects_inconsistent_tables(small):
+    """The compiled trie-conditional kernel checks what it indexes: rows, nodes, order ids, child
+    ranges that must tile their parent's, child symbols below the output width."""
+    teacher, _, amap = small
+    dec = ops._map_tables(amap)[2]
+    order = dec.on("cpu")["order"].numpy().astype(np.int32)
+    nodes_np = [a.copy() for a in dec.nodes_np]
+    x = logits_for(2, len(teacher), seed=31).nan_to_num(0.0).numpy()
+    width = dec.n_symbols + 1
+
+    def call(order=order, trie=tuple(nodes_np), rows=np.array([0, 1]), nodes=np.array([0, 0]), width=width):
+        return _core.trie_conditional_logprobs(x, "f32", len(teacher), order, trie, rows, nodes, width, False, 1.0, 1)
+
+    out, lse = call()
+    assert out.shape == (2, width) and np.isfinite(lse).all()
+    with pytest.raises(ValueError, match=r"rows\[1\] = 5 is outside"):
+        call(rows=np.array([0, 5]))
+    with pytest.raises(ValueError, match=r"nodes\[0\] = -1 is outside"):
+        call(nodes=np.array([-1, 0]))
+    bad_order = order.copy()
+    bad_order[3] = len(teacher) + 7
+    with pytest.raises(ValueError, match=r"order\[3\] = .* outside the vocabulary"):
+        call(order=bad_order)
+    with pytest.raises(ValueError, match="child symbol .* outside"):
+        call(width=2)
+    cs, cn, lo, hi, end, sym = [a.copy() for a in nodes_np]
+    first_child = cn[cs[0]]
+    lo[first_child] += 1  # its range no longer starts where its parent's continuing range does
+    with pytest.raises(ValueError, match="do not tile"):
+        call(trie=(cs, cn, lo, hi, end, sym))
+    with pytest.raises(ValueError, match="rows has 1 entries but nodes has 2"):
+        call(rows=np.array([0]))
+
 def test_backend_reports_and_forcing(vocab_of):
     vocab = vocab_of("botchan-bpe")
     x = logits_for(2, len(vocab), seed=19)

@@ -119,6 +119,26 @@ def range_logmass_backward(logits, vocab_size, order, rows, lo, hi, temperature,
     return torch.from_numpy(grad)
 
 
+def trie_conditional_logprobs(logits, vocab_size, order, trie_nodes, rows, nodes, width, drop_end, temperature):
+    """(out [Q, width], lse [N]) of next-symbol log-probabilities below trie nodes, straight from the
+    rows (no [Q, children] range tables). trie_nodes: the six int32 node arrays of the trie."""
+    x, elem_type = _logits_view(logits)
+    out, lse = _core.trie_conditional_logprobs(x, elem_type, int(vocab_size), _np(order, torch.int32), tuple(trie_nodes),
+                                               _np(rows, torch.int64), _np(nodes, torch.int64), int(width),
+                                               bool(drop_end), float(temperature), num_threads())
+    return torch.from_numpy(out), torch.from_numpy(lse)
+
+
+def trie_conditional_logprobs_backward(logits, vocab_size, order, trie_nodes, rows, nodes, width, drop_end, temperature,
+                                       grad_out):
+    x, elem_type = _logits_view(logits)
+    grad = _core.trie_conditional_logprobs_backward(x, elem_type, int(vocab_size), _np(order, torch.int32),
+                                                    tuple(trie_nodes), _np(rows, torch.int64), _np(nodes, torch.int64),
+                                                    int(width), bool(drop_end), float(temperature),
+                                                    _np(grad_out, _out_dtype(logits)), num_threads())
+    return torch.from_numpy(grad)
+
+
 def _topk_view(indices: torch.Tensor, logprobs: torch.Tensor):
     lp, elem_type = _logits_view(logprobs.contiguous())
     return indices.detach().to(torch.int64).contiguous().numpy(), lp, elem_type

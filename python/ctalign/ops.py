@@ -178,6 +178,30 @@ class _RangeLogmass(torch.autograd.Function):
         return grad.to(x.device, x.dtype), None, None, None, None, None, None, None
 
 
+class _TrieConditional(torch.autograd.Function):
+    """Dense CPU rows: next-symbol log-probabilities below trie nodes, computed by one kernel from the
+    node's children (no [Q, children] range tables: a root query has one child per first symbol)."""
+
+    @staticmethod
+    def forward(ctx, x, vocab_size, order, trie_nodes, rows, nodes, width, drop_end, temperature):
+        out, lse = _cpu_backend.trie_conditional_logprobs(x, vocab_size, order, trie_nodes, rows, nodes, width,
+                                                          drop_end, temperature)
+        ctx.save_for_backward(x, order, rows, nodes)
+        ctx.args = (vocab_size, trie_nodes, width, drop_end, temperature)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        x, order, rows, nodes = ctx.saved_tensors
+        vocab_size, trie_nodes, width, drop_end, temperature = ctx.args
+        grad = _cpu_backend.trie_conditional_logprobs_backward(x, vocab_size, order, trie_nodes, rows, nodes, width,
+                                                               drop_end, temperature,
+                                                               grad_out.to(_cpu_backend._out_dtype(x)).contiguous())
+        return grad.to(x.dtype), None, None, None, None, None, None, None, None
+
+
 class _TopKGrouped(torch.autograd.Function):
     """Sparse rows on CPU: the compiled forward; the backward differentiates the reference (O(k))."""
 
@@ -605,6 +629,16 @@ def _conditional(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows,
         raise ValueError(f"{op}: rows has {rows_t.numel()} entries but {node_name} has {nodes_t.numel()}")
     n_sym = trie.n_symbols
     width = n_sym if drop_end else n_sym + 1
+    if not isinstance(logits, TopK):
+        x, _ = _dense_rows(op, logits, n_tokens, what)
+        backend, name = _backend_for(x)
+        if backend is _cpu_backend:
+            global _last_backend
+            out, lse = _TrieConditional.apply(x, n_tokens, trie.on(x.device)["order"], trie.nodes_np, rows_t, nodes_t,
+                                              width, drop_end, _check_temperature(op, temperature))
+            _check_rows_finite(op, x, n_tokens, lse, rows_t, name)
+            _last_backend = name
+            return out
     lo, hi, symbol, k = _child_ranges(trie, nodes_t, width)
     vals = _ranges(op, logits, n_tokens, what, trie, rows_t, lo, hi, temperature)
     kids, end, own, cont = vals[:, :k], vals[:, k:k + 1], vals[:, k + 1:k + 2], vals[:, k + 2:k + 3]
