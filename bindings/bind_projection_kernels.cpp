@@ -292,22 +292,6 @@ py::tuple topk_grouped_sparse(TopKArg& x, const py::handle& group_obj, std::int3
   return py::make_tuple(ids, out);
 }
 
-template <class Out>
-py::array topk_range(TopKArg& x, const py::handle& rank_obj, std::int64_t order_size, const py::handle& rows,
-                     const py::handle& lo, const py::handle& hi, int n_threads) {
-  auto rank = vec_arg<std::int32_t>(rank_obj, "rank", x.view.vocab_size);
-  kernels::Logits rows_view;
-  rows_view.n_rows = x.view.n_rows;
-  RangeArgs r = range_args(rows_view, py::array_t<std::int32_t>(0), rows, lo, hi);
-  r.q.order_size = order_size;
-  py::array_t<Out> out = new_output<Out>(r.q.n_queries, r.q.n_cols);
-  {
-    py::gil_scoped_release release;
-    kernels::topk_range_logmass<Out>(x.view, rank.data(), r.q, out.mutable_data(), n_threads);
-  }
-  return out;
-}
-
 kernels::Isa parse_isa(const std::string& name) {
   if (name == "scalar") return kernels::Isa::scalar;
   if (name == "avx2") return kernels::Isa::avx2;
@@ -463,17 +447,15 @@ void bind_projection_kernels(py::module_& m) {
       py::arg("n_groups"), py::arg("temperature"), py::arg("n_threads"),
       "(ids int64 [N, w], out [N, w]), w = min(k, G): the row's groups in id order, then padding ids at -inf.");
   m.def(
-      "topk_range_logmass",
-      [](const py::handle& indices, const py::handle& logprobs, const std::string& elem_type, std::int64_t vocab_size,
-         const py::handle& rank, std::int64_t order_size, const py::handle& rows, const py::handle& lo,
-         const py::handle& hi, double temperature, int n_threads) {
-        TopKArg x = topk_arg(indices, logprobs, elem_type, vocab_size, temperature);
-        return x.view.type == ElemType::f64 ? topk_range<double>(x, rank, order_size, rows, lo, hi, n_threads)
-                                            : topk_range<float>(x, rank, order_size, rows, lo, hi, n_threads);
+      "empty_output",
+      [](std::int64_t rows, std::int64_t cols, const std::string& dtype) -> py::array {
+        if (rows < 0 || cols < 0) throw py::value_error("empty_output: negative shape");
+        if (dtype == "f32") return new_output<float>(rows, cols);
+        if (dtype == "f64") return new_output<double>(rows, cols);
+        throw py::value_error("empty_output: dtype must be f32 or f64, got " + dtype);
       },
-      py::arg("indices"), py::arg("logprobs"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("rank"),
-      py::arg("order_size"), py::arg("rows"), py::arg("lo"), py::arg("hi"), py::arg("temperature"), py::arg("n_threads"),
-      "out [Q, C] of range log masses from sparse rows (rank: int32[V], -1 outside the order).");
+      py::arg("rows"), py::arg("cols"), py::arg("dtype"),
+      "An uninitialised [rows, cols] array; large ones come from the kernels' cache of freed outputs.");
   m.def(
       "trie_conditional_logprobs",
       [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& order,

@@ -1587,8 +1587,7 @@ struct SparseScratch {
   std::vector<std::int64_t> keys;
   std::vector<C> p, mass;
   std::vector<std::int32_t> touched;
-  std::vector<double> acc, prefix;
-  std::vector<std::pair<std::int32_t, double>> by_rank;
+  std::vector<double> acc;
 };
 
 [[noreturn]] void bad_table(const char* op, const char* table, std::int64_t id, std::int64_t value) {
@@ -1673,57 +1672,6 @@ void topk_grouped_sparse_impl(const TopKRows& x, const std::int32_t* group, std:
       }
       row_ids[slot] = next++;
       row_out[slot] = static_cast<Out>(-kInf);
-    }
-  });
-}
-
-template <class T, class Out>
-void topk_range_impl(const TopKRows& x, const std::int32_t* rank, const RangeQueries& q, Out* out, int n_threads) {
-  Logits rows_view;
-  rows_view.n_rows = x.n_rows;
-  const QueriesByRow byrow = group_queries(rows_view, q);
-  const std::int64_t n_active = static_cast<std::int64_t>(byrow.active_rows.size()), cols = q.n_cols;
-  const RowKernels<Out> kern = row_kernels<Out>(std::is_same_v<Out, double> ? ElemType::f64 : ElemType::f32);
-  const int threads = thread_count(n_threads, (n_active * x.k * 16 + q.n_queries * cols * 8) >> 4);
-  std::vector<SparseScratch<Out>> scratch(threads);
-  sparse_rows_for(n_active, threads, [&](std::int64_t item, int tid) {
-    SparseScratch<Out>& sc = scratch[tid];
-    const std::int64_t r = byrow.active_rows[item];
-    sparse_row<T, Out>(kern, x, r, sc.dup, sc.p);
-    const std::int64_t* ids = x.indices + r * x.k;
-    sc.by_rank.clear();
-    for (std::int64_t j = 0; j < x.k; ++j) {
-      const std::int32_t rk = rank[ids[j]];
-      if (rk < -1 || rk >= q.order_size) bad_table("topk_range_logmass", "rank", ids[j], rk);
-      if (rk >= 0 && sc.p[j] > 0) sc.by_rank.emplace_back(rk, static_cast<double>(sc.p[j]));
-    }
-    std::sort(sc.by_rank.begin(), sc.by_rank.end());
-    const std::size_t n = sc.by_rank.size();
-    sc.prefix.assign(n + 1, 0.0);
-    std::vector<std::int64_t>& keys = sc.keys;
-    keys.resize(n);
-    for (std::size_t j = 0; j < n; ++j) {
-      keys[j] = sc.by_rank[j].first;
-      sc.prefix[j + 1] = sc.prefix[j] + sc.by_rank[j].second;
-    }
-    for (std::int64_t jq = byrow.start[r]; jq < byrow.start[r + 1]; ++jq) {
-      const std::int64_t qi = byrow.ids[jq];
-      const std::int32_t* lo = q.shared ? q.lo : q.lo + qi * cols;
-      const std::int32_t* hi = q.shared ? q.hi : q.hi + qi * cols;
-      Out* o = out + qi * cols;
-      for (std::int64_t c = 0; c < cols; ++c) {
-        const auto a = std::lower_bound(keys.begin(), keys.end(), lo[c]) - keys.begin();
-        const auto b = std::lower_bound(keys.begin() + a, keys.end(), hi[c]) - keys.begin();
-        double mass = 0;
-        if (b > a) {
-          mass = sc.prefix[b] - sc.prefix[a];
-          if (mass < kDirectSumBelow * sc.prefix[b]) {
-            mass = 0;
-            for (auto j = a; j < b; ++j) mass += sc.by_rank[j].second;
-          }
-        }
-        o[c] = static_cast<Out>(mass > 0 ? std::log(mass) : -kInf);
-      }
     }
   });
 }
@@ -1815,26 +1763,12 @@ void topk_grouped_sparse(const TopKRows& x, const std::int32_t* group, std::int3
                        [&](auto t) { topk_grouped_sparse_impl<decltype(t), Out>(x, group, n_groups, ids, out, n_threads); });
 }
 
-template <class Out>
-void topk_range_logmass(const TopKRows& x, const std::int32_t* rank, const RangeQueries& q, Out* out, int n_threads) {
-  check_topk("topk_range_logmass", x);
-  Logits rows_view;
-  rows_view.n_rows = x.n_rows;
-  rows_view.vocab_size = x.vocab_size;
-  RangeQueries qq = q;
-  qq.order = nullptr;
-  check_queries_shape("topk_range_logmass", rows_view, qq);
-  dispatch_sparse<Out>(x.type, [&](auto t) { topk_range_impl<decltype(t), Out>(x, rank, q, out, n_threads); });
-}
-
 template void topk_grouped_logmass<float>(const TopKRows&, const std::int32_t*, std::int32_t, float*, int);
 template void topk_grouped_logmass<double>(const TopKRows&, const std::int32_t*, std::int32_t, double*, int);
 template void topk_grouped_sparse<float>(const TopKRows&, const std::int32_t*, std::int32_t, std::int64_t*, float*,
                                           int);
 template void topk_grouped_sparse<double>(const TopKRows&, const std::int32_t*, std::int32_t, std::int64_t*, double*,
                                            int);
-template void topk_range_logmass<float>(const TopKRows&, const std::int32_t*, const RangeQueries&, float*, int);
-template void topk_range_logmass<double>(const TopKRows&, const std::int32_t*, const RangeQueries&, double*, int);
 
 template void grouped_logmass<float>(const Logits&, const std::int32_t*, std::int32_t, float*, float*, int);
 template void grouped_logmass<double>(const Logits&, const std::int32_t*, std::int32_t, double*, double*, int);

@@ -86,8 +86,8 @@ void range_logmass_backward(const Logits& x, const RangeQueries& q, const Out* o
 // tail is not renormalised). A temperature T reshapes the kept entries keeping their total mass:
 // lp_T = lp / T - logsumexp(lp / T) + logsumexp(lp). Entries with lp = -inf have no mass; NaN, +inf,
 // ids outside [0, vocab_size) and an id listed twice in a row throw InputError naming the row.
-// Cost per row: O(k log k) (validation sort) + O(n_groups) output fill; range queries add
-// O(C log k) each. Numerics: float outputs use float e^x and log (mass below ~1e-38 counts as 0),
+// Cost per row: O(k log k) (validation sort) + O(n_groups) output fill. (Range and trie queries on
+// sparse rows run in torch ops, ctalign/ops.py: O(k log k) per query.) Numerics: float outputs use float e^x and log (mass below ~1e-38 counts as 0),
 // double outputs (fp64 log-probabilities) use libm in double.
 struct TopKRows {
   const std::int64_t* indices = nullptr;  // [n_rows, k]
@@ -111,11 +111,6 @@ template <class Out>
 void topk_grouped_sparse(const TopKRows& x, const std::int32_t* group, std::int32_t n_groups, std::int64_t* ids,
                          Out* out, int n_threads);
 
-// out[q, c] = log sum_{j: rank[indices[rows q, j]] in [lo, hi)} p_j; rank: int32[vocab_size], -1 for
-// ids outside the sorted order (they fall in no range). q.order is not read; q.order_size bounds the
-// ranges. out: [Q, C].
-template <class Out>
-void topk_range_logmass(const TopKRows& x, const std::int32_t* rank, const RangeQueries& q, Out* out, int n_threads);
 
 // Range queries for trie nodes, compact: for each node, its children's ranges in symbol order
 // (k = the most children any of `nodes` has; missing ones are the empty range [0, 0) with symbol

@@ -286,6 +286,40 @@ def test_sparse_rows_equal_dense_when_k_covers_the_vocabulary(pair, text_tokens)
             assert_logs_close(sparse, dense, what=f"{op.__name__} {backend}")
 
 
+
+def test_sparse_rows_with_few_entries_equal_dense_rows_holding_only_them(pair, text_tokens):
+    """k = 64 entries (the conditionals' sparse path: each entry finds its child of the query node;
+    cover: each entry reaches the student tokens that prefix it) against dense rows whose other
+    columns carry no mass, at the dec-trie root (one child per first student piece) and below."""
+    teacher, _, amap = pair
+    V, trie = len(teacher), teacher.trie
+    toks = text_tokens(teacher, 6, seed=5)
+    kept = []
+    for r in range(2):
+        ids = torch.randperm(V, generator=torch.Generator().manual_seed(40 + r))
+        ids = torch.cat([torch.tensor(toks), ids[~torch.isin(ids, torch.tensor(toks))]])[:64]
+        kept.append(ids)
+    idx = torch.stack(kept)
+    raw = logits_for(2, V, seed=41, pad=0).gather(1, idx)
+    lp = torch.log_softmax(raw.double(), -1)  # the kept entries hold all the mass
+    x = torch.full((2, V), -1e4, dtype=torch.float64).scatter(1, idx, lp)
+    topk = TopK(idx, lp.float())
+    nodes = [0] + [trie.lookup(p) for p in node_prefixes(teacher, toks)][:10]
+    dec_nodes = [0] + [amap.dec_trie.lookup(amap.dec(t)[:1]) for t in toks]
+    for op, args in ((ops.cover_logmass, (amap,)),
+                     (ops.byte_conditional_logprobs, (teacher, [i % 2 for i in range(len(nodes))], nodes)),
+                     (ops.project_to_student_within, (amap, [i % 2 for i in range(len(dec_nodes))], dec_nodes))):
+        for kw in ({}, {"temperature": 0.7}):
+            if kw and op is ops.cover_logmass:
+                continue  # a tempered TopK keeps its kept mass (the dense softmax renormalises): ratios only
+            sparse = op(topk, *args, **kw)
+            assert ops.last_backend() == "topk"
+            dense = op(x.float(), *args, **kw)
+            assert_logs_close(sparse, dense, what=f"{op.__name__} {kw}")
+    drop = ops.byte_conditional_logprobs(topk, teacher, [0] * len(nodes), nodes, drop_end=True)
+    assert_logs_close(drop, ops.byte_conditional_logprobs(x.float(), teacher, [0] * len(nodes), nodes, drop_end=True),
+                      what="drop_end")
+
 def test_sparse_projection_scatters_back_to_the_dense_projection(pair):
     """project_to_student(TopK, sparse=True): the same masses as the dense output, O(k) ids per row."""
     teacher, student, amap = pair

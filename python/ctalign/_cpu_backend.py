@@ -23,8 +23,9 @@ except ImportError:  # pragma: no cover - the package is unusable without its co
     _core = None
 
 __all__ = [
-    "available", "grouped_logmass", "grouped_logmass_backward", "range_logmass", "range_logmass_backward",
-    "topk_grouped_logmass", "topk_grouped_sparse", "topk_range_logmass", "num_threads", "set_num_threads", "kernel_isa", "set_kernel_isa",
+    "available", "full_output", "grouped_logmass", "grouped_logmass_backward", "range_logmass", "range_logmass_backward",
+    "topk_grouped_logmass", "topk_grouped_sparse", "trie_conditional_logprobs",
+    "trie_conditional_logprobs_backward", "num_threads", "set_num_threads", "kernel_isa", "set_kernel_isa",
 ]
 
 _ELEM_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -119,6 +120,13 @@ def range_logmass_backward(logits, vocab_size, order, rows, lo, hi, temperature,
     return torch.from_numpy(grad)
 
 
+def full_output(rows: int, cols: int, value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A [rows, cols] float32/float64 CPU tensor filled with value; large ones reuse the memory of freed
+    kernel outputs (a fresh 100+ MB block costs more in page faults than filling it)."""
+    arr = _core.empty_output(int(rows), int(cols), "f64" if dtype == torch.float64 else "f32")
+    return torch.from_numpy(arr).fill_(value)
+
+
 def trie_conditional_logprobs(logits, vocab_size, order, trie_nodes, rows, nodes, width, drop_end, temperature):
     """(out [Q, width], lse [N]) of next-symbol log-probabilities below trie nodes, straight from the
     rows (no [Q, children] range tables). trie_nodes: the six int32 node arrays of the trie."""
@@ -160,12 +168,3 @@ def topk_grouped_sparse(indices, logprobs, vocab_size, group, n_groups, temperat
     ids, out = _core.topk_grouped_sparse(idx, lp, elem_type, int(vocab_size), _np(group, torch.int32), int(n_groups),
                                          float(temperature), num_threads())
     return torch.from_numpy(ids), torch.from_numpy(out)
-
-
-def topk_range_logmass(indices, logprobs, vocab_size, rank, order_size, rows, lo, hi, temperature):
-    """Sparse rows -> out [Q, C] of range log masses; rank: int32[V] positions in the order (-1 outside)."""
-    idx, lp, elem_type = _topk_view(indices, logprobs)
-    out = _core.topk_range_logmass(idx, lp, elem_type, int(vocab_size), _np(rank, torch.int32), int(order_size),
-                                   _np(rows, torch.int64), _np(lo, torch.int32), _np(hi, torch.int32),
-                                   float(temperature), num_threads())
-    return torch.from_numpy(out)

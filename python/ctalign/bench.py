@@ -67,10 +67,11 @@ OPS = {
     "project_topk": "project_to_student(TopK) -> [N, V_s + 1]",
     "project_topk_sparse": "project_to_student(TopK, sparse=True) -> TopK [N, k]",
     "cover_topk": "cover_logmass(TopK) -> [N, V_s]",
+    "project_within_topk": "project_to_student_within(TopK, amap, rows, consumed) -> [Q, V_s + 1]",
     "uld": "ULD loss, top-k (ctalign.losses) vs the full sort-based formulation",
 }
 _BYTE_OPS = {"next_byte", "byte_conditional", "next_byte_topk"}
-_TOPK_OPS = {"next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk"}
+_TOPK_OPS = {"next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk", "project_within_topk"}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _PAD_TO = 128  # logits widths are rounded up like a model's padded output layer
 _SEED = 1234
@@ -533,7 +534,8 @@ def _out_cols(op: str, n_student: int | None) -> int:
     """Columns of an op's output row."""
     vs = n_student or 0
     return {"next_byte": 257, "byte_conditional": 257, "next_byte_topk": 257, "project": vs + 1,
-            "project_within": vs + 1, "project_topk": vs + 1, "project_topk_sparse": 64, "cover": vs, "cover_topk": vs, "uld": 1}[op]
+            "project_within": vs + 1, "project_within_topk": vs + 1, "project_topk": vs + 1, "project_topk_sparse": 64,
+            "cover": vs, "cover_topk": vs, "uld": 1}[op]
 
 
 def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) -> Prepared:
@@ -631,6 +633,25 @@ def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) ->
         p.torch_variants["reference"] = _on_reference(lambda: op(x, target, rows_t, nodes_t))
         p.check = p.torch_variants["reference"]
         p.dense_note = f"n/a (no fixed matrix: one per {prefix} prefix)"
+        return p
+
+    if case.op == "project_within_topk":  # the dense op's queries, on the rows' top-k entries
+        k = case.k or 64
+        vals, idx = torch.topk(torch.log_softmax(x[:, :V].float(), -1), min(k, V), dim=-1)
+        topk = ops.TopK(idx, vals)
+        rows_np, nodes_np = ws.table(mkey + ("student_queries", case.rows), lambda: _student_queries(amap, case.rows, 4))
+        rows_t, nodes_t = torch.as_tensor(rows_np, device=dev), torch.as_tensor(nodes_np, device=dev)
+        p = Prepared(run=lambda: ops.project_to_student_within(topk, amap, rows_t, nodes_t), logits=vals,
+                     bytes_read=idx.numel() * idx.element_size() + vals.numel() * 4, queries=len(rows_np))
+        p.extra["topk"] = topk
+
+        def scatter_dense():  # the kept entries scattered into dense rows (no mass elsewhere), dense op
+            dense = torch.full((idx.shape[0], V), -1e4, device=dev).scatter_(1, idx, vals)
+            return ops.project_to_student_within(dense, amap, rows_t, nodes_t)
+
+        p.torch_variants["scatter_dense"] = scatter_dense
+        p.check = scatter_dense
+        p.dense = lambda: ops.project_to_student_within(x, amap, rows_t, nodes_t)
         return p
 
     if case.op in _TOPK_OPS:

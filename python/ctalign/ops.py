@@ -247,26 +247,6 @@ class _TopKGroupedSparse(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-class _TopKRange(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logprobs, indices, vocab_size, rank, rank32, order_size, rows, lo, hi, temperature):
-        ctx.save_for_backward(logprobs, indices, rank, rows, lo, hi)
-        ctx.args = (order_size, temperature)
-        return _cpu_backend.topk_range_logmass(indices, logprobs, vocab_size, rank32, order_size, rows, lo, hi,
-                                               temperature)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        logprobs, indices, rank, rows, lo, hi = ctx.saved_tensors
-        order_size, temperature = ctx.args
-        with torch.enable_grad():
-            lp = logprobs.detach().requires_grad_()
-            out = reference.topk_range_logmass(indices, lp, rank, order_size, rows, lo, hi, temperature)
-            (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
-        return grad, None, None, None, None, None, None, None, None, None
-
-
 def _compiled_topk(idx: torch.Tensor) -> bool:
     return idx.device.type == "cpu" and _forced_backend in (None, "cpu") and _cpu_backend.available()
 
@@ -424,6 +404,16 @@ class _Tables:
             self._on[device] = d
         return d
 
+    def derived(self, name: str, device: torch.device, build) -> torch.Tensor:
+        """A table computed on first use from the host tables (``build(host) -> tensor``), then kept
+        with the others (host copy plus one per device)."""
+        if name not in self.host:
+            self.host[name] = build(self.host)
+        d = self.on(device)
+        if name not in d:
+            d[name] = self.host[name].to(device)
+        return d[name]
+
     def __getattr__(self, name: str) -> int:
         try:
             return self.__dict__["sizes"][name]
@@ -442,7 +432,6 @@ def _trie_tables(fields: dict[str, np.ndarray], n_symbols: int) -> _Tables:
     host = {
         "order": t("order", torch.int32),
         "rank": t("rank", torch.int64),
-        "rank32": t("rank", torch.int32),
         "group": t("first_symbol", torch.int32),
         "node_lo": t("node_lo", torch.int64),
         "node_hi": t("node_hi", torch.int64),
@@ -546,21 +535,10 @@ def _grouped(op: str, logits, n_tokens: int, what: str, tables: _Tables, n_group
 
 
 def _ranges(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows, lo, hi, temperature):
-    """out [Q, C] (rows None: one query per row, Q = N) of range log masses over trie.order."""
+    """out [Q, C] (rows None: one query per row, Q = N) of range log masses over trie.order, from dense
+    rows (sparse rows take _topk_trie_conditional / _topk_cover)."""
     global _last_backend
     t = _check_temperature(op, temperature)
-    if isinstance(logits, TopK):
-        compiled = _compiled_topk(logits.indices) if isinstance(logits.indices, torch.Tensor) else False
-        idx, lp, _ = _topk_rows(op, logits, n_tokens, what, deep=not compiled)
-        tab = trie.on(idx.device)
-        lo, hi = lo.to(idx.device), hi.to(idx.device)
-        if compiled:
-            out = _compiled_call(op, _TopKRange.apply, lp, idx, n_tokens, tab["rank"], tab["rank32"], trie.n_members,
-                                 rows, lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous(), t)
-        else:
-            out = reference.topk_range_logmass(idx, lp, tab["rank"], trie.n_members, rows, lo, hi, t)
-        _last_backend = "topk"
-        return out
     x, _ = _dense_rows(op, logits, n_tokens, what)
     backend, name = _backend_for(x)
     order = trie.on(x.device)["order"]
@@ -583,6 +561,106 @@ def _n_rows(op: str, logits, n_tokens: int, what: str) -> tuple[int, torch.devic
         return int(np.prod(idx.shape[:-1])), idx.device
     x, _ = _dense_rows(op, logits, n_tokens, what)
     return x.shape[0], x.device
+
+
+# ---- sparse rows without range tables ------------------------------------------------------------
+def _child_keys(host: dict[str, torch.Tensor]) -> torch.Tensor:
+    """parent * (M + 1) + lo of every child in child_node order: sorted, since children are listed by
+    parent and, within a parent, in order position; searchsorted finds the child holding a position."""
+    start, child = host["child_start"], host["child_node"]
+    parent = torch.repeat_interleave(torch.arange(len(start) - 1), start[1:] - start[:-1])
+    return parent * (int(host["order"].numel()) + 1) + host["node_lo"][child]
+
+
+def _cover_lists(host: dict[str, torch.Tensor], m: int) -> torch.Tensor:
+    """(ptr [M + 1], students [E]) packed as one int64 tensor: the student tokens whose cover range
+    holds each teacher-trie position (those whose bytes prefix the token there), by position."""
+    lo, hi = host["cover_lo"].reshape(-1).long(), host["cover_hi"].reshape(-1).long()
+    count = (hi - lo).clamp(min=0)
+    student = torch.repeat_interleave(torch.arange(len(lo)), count)
+    first = torch.cumsum(count, 0) - count
+    pos = lo[student] + torch.arange(len(student)) - first[student]
+    pos, perm = torch.sort(pos, stable=True)
+    ptr = torch.zeros(m + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(pos, minlength=m), 0)
+    return torch.cat([ptr, student[perm]])
+
+
+def _scatter_log_masses(out: torch.Tensor, key: torch.Tensor, mass: torch.Tensor,
+                        den: torch.Tensor | None = None) -> torch.Tensor:
+    """Writes ``out.view(-1)[k] = log(sum of mass over entries with key k)`` in place (out: filled with
+    -inf), minus ``log den[k // width]`` when ``den`` is given (rows whose den is 0 have no mass)."""
+    if key.numel() == 0:
+        return out
+    ukey, inv = torch.unique(key, return_inverse=True)
+    vals = reference.safe_log(torch.zeros(len(ukey), dtype=mass.dtype, device=mass.device).index_add(0, inv, mass))
+    if den is not None:
+        vals = vals - _log_or_zero(den)[ukey // out.shape[1]]
+    return out.view(-1).index_put_((ukey,), vals.to(out.dtype)).view(out.shape)
+
+
+def _full_output(shape: tuple[int, int], value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu" and _cpu_backend.available():
+        return _cpu_backend.full_output(shape[0], shape[1], value, dtype)
+    return torch.full(shape, value, dtype=dtype, device=device)
+
+
+def _log_or_zero(mass: torch.Tensor) -> torch.Tensor:
+    """log(mass) where mass > 0, else 0 (a denominator whose numerators are all zero)."""
+    return torch.where(mass > 0, reference.safe_log(mass), torch.zeros_like(mass))
+
+
+def _topk_trie_conditional(op: str, topk: "TopK", n_tokens: int, what: str, trie: _Tables, rows: torch.Tensor,
+                           nodes: torch.Tensor, width: int, drop_end: bool, temperature: float) -> torch.Tensor:
+    """Trie conditionals from top-k rows in torch ops (any device, autograd through them): each kept
+    entry finds the child of the query's node that holds it (searchsorted over the child keys), so a
+    query costs O(k log children + width), however many children its node has."""
+    idx, lp, _ = _topk_rows(op, topk, n_tokens, what, deep=True)
+    p, out_dtype = reference._topk_probs(lp, temperature)
+    device, m = p.device, trie.n_members
+    tab = trie.on(device)
+    keys = trie.derived("child_key", device, _child_keys)
+    if keys.numel() == 0:  # a trie without children: every entry is in some node's end range
+        keys = torch.full((1,), -1, dtype=torch.int64, device=device)
+    rows, nodes = rows.to(device), nodes.to(device)
+    r = tab["rank"][idx][rows]  # [Q, k] order positions of each query row's entries, -1 outside
+    pq = p[rows]
+    lo, end, hi = (tab[f][nodes][:, None] for f in ("node_lo", "node_end", "node_hi"))
+    in_node = (r >= lo) & (r < hi)
+    in_end = in_node & (r < end)
+    in_kids = in_node & ~in_end
+    den = (pq * (in_kids if drop_end else in_node)).sum(-1)
+    n_q = len(rows)
+    out = _full_output((n_q, width), float("-inf"), out_dtype, device)
+    slot = (torch.searchsorted(keys, nodes[:, None] * (m + 1) + r, right=True) - 1).clamp(min=0)
+    col = tab["node_symbol"][tab["child_node"][slot]]
+    col = torch.where(in_end, torch.full_like(col, width - 1), col)  # the end column (not with drop_end)
+    kept = in_kids if drop_end else in_node
+    q_of = torch.arange(n_q, device=device)[:, None].expand_as(r)
+    return _scatter_log_masses(out, (q_of * width + col)[kept], pq[kept], den)
+
+
+def _topk_cover(op: str, topk: "TopK", maps: _Tables, byte_trie: _Tables, temperature: float) -> torch.Tensor:
+    """cover_logmass from top-k rows in torch ops: each kept entry adds its probability to the student
+    tokens that prefix it (a per-position list built once per map), so a row costs O(k L + V_s) for
+    tokens of L bytes instead of a range query per student token."""
+    idx, lp, _ = _topk_rows(op, topk, maps.n_teacher, "the map's teacher vocabulary", deep=True)
+    p, out_dtype = reference._topk_probs(lp, temperature)
+    device = p.device
+    m = byte_trie.n_members
+    lists = maps.derived("cover_lists", device, lambda host: _cover_lists(host, m))
+    ptr, students = lists[:m + 1], lists[m + 1:]
+    r = byte_trie.on(device)["rank"][idx]  # [N, k], -1 outside the trie order
+    inside = r >= 0
+    rr = torch.where(inside, r, torch.zeros_like(r))
+    count = torch.where(inside, ptr[rr + 1] - ptr[rr], torch.zeros_like(r)).reshape(-1)
+    entry = torch.repeat_interleave(torch.arange(count.numel(), device=device), count)
+    first = torch.cumsum(count, 0) - count
+    s = students[ptr[rr.reshape(-1)][entry] + torch.arange(entry.numel(), device=device) - first[entry]]
+    row = entry // idx.shape[1]
+    n_s = maps.n_student
+    out = _full_output((idx.shape[0], n_s), float("-inf"), out_dtype, device)
+    return _scatter_log_masses(out, row * n_s + s, p.reshape(-1)[entry])
 
 
 def _child_ranges(trie: _Tables, nodes: torch.Tensor, scratch_column: int, compiled: bool = True):
@@ -622,6 +700,7 @@ def _log_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 def _conditional(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows, nodes, node_name: str,
                  temperature, drop_end: bool) -> torch.Tensor:
+    global _last_backend
     n_rows, device = _n_rows(op, logits, n_tokens, what)
     rows_t = _index_arg(op, "rows", rows, n_rows, device, "logits rows")
     nodes_t = _index_arg(op, node_name, nodes, trie.n_nodes, device, f"trie nodes, {trie.n_nodes} of them")
@@ -633,12 +712,16 @@ def _conditional(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows,
         x, _ = _dense_rows(op, logits, n_tokens, what)
         backend, name = _backend_for(x)
         if backend is _cpu_backend:
-            global _last_backend
             out, lse = _TrieConditional.apply(x, n_tokens, trie.on(x.device)["order"], trie.nodes_np, rows_t, nodes_t,
                                               width, drop_end, _check_temperature(op, temperature))
             _check_rows_finite(op, x, n_tokens, lse, rows_t, name)
             _last_backend = name
             return out
+    else:
+        out = _topk_trie_conditional(op, logits, n_tokens, what, trie, rows_t, nodes_t, width, drop_end,
+                                     _check_temperature(op, temperature))
+        _last_backend = "topk"
+        return out
     lo, hi, symbol, k = _child_ranges(trie, nodes_t, width)
     vals = _ranges(op, logits, n_tokens, what, trie, rows_t, lo, hi, temperature)
     kids, end, own, cont = vals[:, :k], vals[:, k:k + 1], vals[:, k + 1:k + 2], vals[:, k + 2:k + 3]
@@ -737,10 +820,13 @@ def cover_logmass(logits, amap, *, temperature: float = 1.0, teacher=None, stude
     maps, byte_trie, _ = _map_tables(amap)
     _check_map_vocabs(op, amap, teacher, student)
     if isinstance(logits, TopK):
-        lead = tuple(logits.indices.shape[:-1]) if isinstance(logits.indices, torch.Tensor) else ()
-    else:
-        _, lead = _dense_rows(op, logits, maps.n_teacher, "the map's teacher vocabulary")
-    device = logits.indices.device if isinstance(logits, TopK) else logits.device
+        global _last_backend
+        t = _check_temperature(op, temperature)
+        out = _topk_cover(op, logits, maps, byte_trie, t)
+        _last_backend = "topk"
+        return out.reshape(*logits.indices.shape[:-1], maps.n_student)
+    _, lead = _dense_rows(op, logits, maps.n_teacher, "the map's teacher vocabulary")
+    device = logits.device
     tab = maps.on(device)
     out = _ranges(op, logits, maps.n_teacher, "the map's teacher vocabulary", byte_trie, None,
                   tab["cover_lo"], tab["cover_hi"], temperature)
