@@ -359,6 +359,54 @@ def test_sparse_projection_scatters_back_to_the_dense_projection(pair):
     assert isinstance(compiled, TopK)
 
 
+
+def test_sparse_within_and_cover_scatter_back_to_their_dense_outputs(pair, text_tokens):
+    """project_to_student_within / cover_logmass (TopK, sparse=True): distinct in-range ids, the reached
+    ones first in increasing order (zero-mass ones at -inf), then padding at -inf, and the dense-output
+    TopK result once scattered."""
+    teacher, student, amap = pair
+    V, n_s = len(teacher), len(student)
+    x = logits_for(3, V, seed=14, pad=0)
+    top = torch.topk(torch.log_softmax(x.double(), -1).float(), 48, dim=-1)
+    values = top.values.clone()
+    values[2, -4:] = float("-inf")
+    topk = TopK(top.indices, values)
+    toks = text_tokens(teacher, 5, seed=6)
+    consumed = [0] + [amap.dec_trie.lookup(amap.dec(t)[:1]) for t in toks]
+    rows = [i % 3 for i in range(len(consumed))]
+    cases = (("within", lambda **kw: ops.project_to_student_within(topk, amap, rows, consumed, temperature=0.8, **kw),
+              n_s + 1, min(48, n_s + 1)),
+             ("cover", lambda **kw: ops.cover_logmass(topk, amap, **kw), n_s, None))
+    for name, fn, n_cols, width in cases:
+        dense = fn()
+        out = fn(sparse=True)
+        assert isinstance(out, TopK) and ops.last_backend() == "topk"
+        n_rows = dense.shape[0]
+        used = torch.isfinite(dense).sum(-1)
+        if width is None:  # cover: the most student tokens a row's kept entries reach, zero-mass ones too
+            reach = ops.cover_logmass(TopK(topk.indices, torch.full_like(values, -1.0)), amap)
+            width = int(torch.isfinite(reach).sum(-1).max())
+        assert out.indices.shape == (n_rows, width), name
+        assert int(out.indices.min()) >= 0 and int(out.indices.max()) < n_cols
+        for r in range(n_rows):
+            ids = out.indices[r].tolist()
+            assert len(set(ids)) == len(ids), f"{name}: row {r} repeats an id"
+            finite = torch.isfinite(out.logprobs[r])
+            assert int(finite.sum()) == int(used[r])
+            got = out.indices[r][finite].tolist()
+            assert got == sorted(got) and (not got or got[0] == ids[0])  # reached ids first, in order
+        scattered = torch.full((n_rows, n_cols), float("-inf")).scatter(1, out.indices, out.logprobs)
+        assert_logs_close(scattered, dense, what=f"scattered sparse {name}")
+    with pytest.raises(TypeError, match="sparse=True needs TopK"):
+        ops.cover_logmass(x, amap, sparse=True)
+    with pytest.raises(TypeError, match="sparse=True needs TopK"):
+        ops.project_to_student_within(x, amap, [0], [0], sparse=True)
+    lp = values[:2, :8].double().clamp(min=-30).requires_grad_()  # gradients through the sparse outputs
+    for fn in (lambda y: ops.project_to_student_within(TopK(top.indices[:2, :8], y), amap, [0, 1, 1], consumed[:3],
+                                                       sparse=True).logprobs,
+               lambda y: ops.cover_logmass(TopK(top.indices[:2, :8], y), amap, sparse=True).logprobs):
+        assert torch.autograd.gradcheck(_finite_part(fn, lp), (lp,), fast_mode=True)
+
 def test_sparse_projection_pads_and_refuses_dense_logits(small):
     teacher, student, amap = small
     V = len(teacher)

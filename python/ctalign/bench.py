@@ -68,10 +68,13 @@ OPS = {
     "project_topk_sparse": "project_to_student(TopK, sparse=True) -> TopK [N, k]",
     "cover_topk": "cover_logmass(TopK) -> [N, V_s]",
     "project_within_topk": "project_to_student_within(TopK, amap, rows, consumed) -> [Q, V_s + 1]",
+    "project_within_topk_sparse": "project_to_student_within(TopK, ..., sparse=True) -> TopK [Q, k]",
+    "cover_topk_sparse": "cover_logmass(TopK, sparse=True) -> TopK [N, w]",
     "uld": "ULD loss, top-k (ctalign.losses) vs the full sort-based formulation",
 }
 _BYTE_OPS = {"next_byte", "byte_conditional", "next_byte_topk"}
-_TOPK_OPS = {"next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk", "project_within_topk"}
+_TOPK_OPS = {"next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk", "project_within_topk",
+             "project_within_topk_sparse", "cover_topk_sparse"}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _PAD_TO = 128  # logits widths are rounded up like a model's padded output layer
 _SEED = 1234
@@ -534,8 +537,9 @@ def _out_cols(op: str, n_student: int | None) -> int:
     """Columns of an op's output row."""
     vs = n_student or 0
     return {"next_byte": 257, "byte_conditional": 257, "next_byte_topk": 257, "project": vs + 1,
-            "project_within": vs + 1, "project_within_topk": vs + 1, "project_topk": vs + 1, "project_topk_sparse": 64,
-            "cover": vs, "cover_topk": vs, "uld": 1}[op]
+            "project_within": vs + 1, "project_within_topk": vs + 1, "project_within_topk_sparse": 64,
+            "project_topk": vs + 1, "project_topk_sparse": 64, "cover": vs, "cover_topk": vs, "cover_topk_sparse": 64,
+            "uld": 1}[op]
 
 
 def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) -> Prepared:
@@ -633,6 +637,25 @@ def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) ->
         p.torch_variants["reference"] = _on_reference(lambda: op(x, target, rows_t, nodes_t))
         p.check = p.torch_variants["reference"]
         p.dense_note = f"n/a (no fixed matrix: one per {prefix} prefix)"
+        return p
+
+    if case.op in ("project_within_topk_sparse", "cover_topk_sparse"):  # TopK outputs of the dense-output ops
+        k = case.k or 64
+        vals, idx = torch.topk(torch.log_softmax(x[:, :V].float(), -1), min(k, V), dim=-1)
+        topk = ops.TopK(idx, vals)
+        if case.op == "cover_topk_sparse":
+            fn, queries = (lambda t, **kw: ops.cover_logmass(t, amap, **kw)), None
+        else:
+            rows_np, nodes_np = ws.table(mkey + ("student_queries", case.rows),
+                                         lambda: _student_queries(amap, case.rows, 4))
+            rows_t, nodes_t = torch.as_tensor(rows_np, device=dev), torch.as_tensor(nodes_np, device=dev)
+            fn, queries = (lambda t, **kw: ops.project_to_student_within(t, amap, rows_t, nodes_t, **kw)), len(rows_np)
+        p = Prepared(run=lambda: fn(topk, sparse=True), logits=vals,
+                     bytes_read=idx.numel() * idx.element_size() + vals.numel() * 4, queries=queries)
+        p.extra["topk"] = topk
+        p.torch_variants["dense_output"] = lambda: fn(topk)  # the same rows, a V_s-wide output row each
+        p.check = p.torch_variants["dense_output"]
+        p.dense = lambda: fn(x)
         return p
 
     if case.op == "project_within_topk":  # the dense op's queries, on the rows' top-k entries
@@ -765,6 +788,8 @@ def compare_outputs(out, ref) -> dict:
         if out.indices.shape != ref.indices.shape or not torch.equal(out.indices.cpu(), ref.indices.cpu()):
             return {"check_error": "sparse outputs list different ids"}
         out, ref = out.logprobs, ref.logprobs
+    elif hasattr(out, "logprobs") and hasattr(ref, "shape"):  # a sparse output against a dense one: scatter it
+        out = torch.full_like(ref, float("-inf")).scatter(-1, out.indices.to(ref.device), out.logprobs.to(ref.dtype))
     if out is None or ref is None or not hasattr(out, "shape") or out.shape != ref.shape:
         return {"check_error": "shapes differ" if hasattr(out, "shape") else "no output"}
     a = out.detach().double()

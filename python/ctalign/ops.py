@@ -610,8 +610,42 @@ def _log_or_zero(mass: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, reference.safe_log(mass), torch.zeros_like(mass))
 
 
+def _pack_sparse(key: torch.Tensor, mass: torch.Tensor, den: torch.Tensor | None, n_rows: int, n_cols: int,
+                 width: int | None, out_dtype: torch.dtype) -> "TopK":
+    """Sparse output rows from (row * n_cols + col, mass) entries: per row, its distinct columns in
+    increasing order with ``log(summed mass) - log den[row]``, then padding ids (the smallest columns
+    the row does not use, so ids stay distinct) at -inf. width: fixed, or None for the most columns any
+    row uses."""
+    device = mass.device
+    ukey, inv = torch.unique(key, return_inverse=True)
+    row, col = ukey // n_cols, ukey % n_cols
+    n_used = torch.bincount(row, minlength=n_rows)
+    if width is None:
+        width = int(n_used.max()) if n_rows else 0
+    ids = torch.zeros(n_rows, width + 1, dtype=torch.int64, device=device)
+    vals = torch.full((n_rows, width + 1), float("-inf"), dtype=out_dtype, device=device)
+    if width == 0:
+        return TopK(ids[:, :0], vals[:, :0])
+    if ukey.numel():
+        logm = reference.safe_log(torch.zeros(len(ukey), dtype=mass.dtype, device=device).index_add(0, inv, mass))
+        if den is not None:
+            logm = logm - _log_or_zero(den)[row]
+        pos = torch.arange(len(ukey), device=device) - torch.searchsorted(row, torch.arange(n_rows, device=device))[row]
+        ids = ids.index_put((row, pos), col)
+        vals = vals.index_put((row, pos), logm.to(out_dtype))
+    used = torch.arange(width, device=device) < n_used[:, None]
+    taken = torch.where(used, ids[:, :width], torch.full_like(ids[:, :width], n_cols))  # ascending per row
+    candidates = torch.arange(min(2 * width, n_cols), device=device).expand(n_rows, -1).contiguous()
+    free = taken.gather(1, torch.searchsorted(taken, candidates).clamp(max=width - 1)) != candidates
+    rank = torch.cumsum(free, dim=-1) - 1
+    slot = torch.where(free & (rank < width - n_used[:, None]), n_used[:, None] + rank, torch.full_like(rank, width))
+    ids = ids.scatter(1, slot, candidates)
+    return TopK(ids[:, :width], vals[:, :width])
+
+
 def _topk_trie_conditional(op: str, topk: "TopK", n_tokens: int, what: str, trie: _Tables, rows: torch.Tensor,
-                           nodes: torch.Tensor, width: int, drop_end: bool, temperature: float) -> torch.Tensor:
+                           nodes: torch.Tensor, width: int, drop_end: bool, temperature: float,
+                           sparse: bool = False):
     """Trie conditionals from top-k rows in torch ops (any device, autograd through them): each kept
     entry finds the child of the query's node that holds it (searchsorted over the child keys), so a
     query costs O(k log children + width), however many children its node has."""
@@ -631,16 +665,19 @@ def _topk_trie_conditional(op: str, topk: "TopK", n_tokens: int, what: str, trie
     in_kids = in_node & ~in_end
     den = (pq * (in_kids if drop_end else in_node)).sum(-1)
     n_q = len(rows)
-    out = _full_output((n_q, width), float("-inf"), out_dtype, device)
+    out = None if sparse else _full_output((n_q, width), float("-inf"), out_dtype, device)
     slot = (torch.searchsorted(keys, nodes[:, None] * (m + 1) + r, right=True) - 1).clamp(min=0)
     col = tab["node_symbol"][tab["child_node"][slot]]
     col = torch.where(in_end, torch.full_like(col, width - 1), col)  # the end column (not with drop_end)
     kept = in_kids if drop_end else in_node
     q_of = torch.arange(n_q, device=device)[:, None].expand_as(r)
+    if sparse:
+        return _pack_sparse((q_of * width + col)[kept], pq[kept], den, n_q, width, min(r.shape[1], width), out_dtype)
     return _scatter_log_masses(out, (q_of * width + col)[kept], pq[kept], den)
 
 
-def _topk_cover(op: str, topk: "TopK", maps: _Tables, byte_trie: _Tables, temperature: float) -> torch.Tensor:
+def _topk_cover(op: str, topk: "TopK", maps: _Tables, byte_trie: _Tables, temperature: float,
+                sparse: bool = False):
     """cover_logmass from top-k rows in torch ops: each kept entry adds its probability to the student
     tokens that prefix it (a per-position list built once per map), so a row costs O(k L + V_s) for
     tokens of L bytes instead of a range query per student token."""
@@ -659,6 +696,8 @@ def _topk_cover(op: str, topk: "TopK", maps: _Tables, byte_trie: _Tables, temper
     s = students[ptr[rr.reshape(-1)][entry] + torch.arange(entry.numel(), device=device) - first[entry]]
     row = entry // idx.shape[1]
     n_s = maps.n_student
+    if sparse:
+        return _pack_sparse(row * n_s + s, p.reshape(-1)[entry], None, idx.shape[0], n_s, None, out_dtype)
     out = _full_output((idx.shape[0], n_s), float("-inf"), out_dtype, device)
     return _scatter_log_masses(out, row * n_s + s, p.reshape(-1)[entry])
 
@@ -699,8 +738,10 @@ def _log_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def _conditional(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows, nodes, node_name: str,
-                 temperature, drop_end: bool) -> torch.Tensor:
+                 temperature, drop_end: bool, sparse: bool = False):
     global _last_backend
+    if sparse and not isinstance(logits, TopK):
+        raise TypeError(f"{op}: sparse=True needs TopK teacher rows, got {type(logits).__name__}")
     n_rows, device = _n_rows(op, logits, n_tokens, what)
     rows_t = _index_arg(op, "rows", rows, n_rows, device, "logits rows")
     nodes_t = _index_arg(op, node_name, nodes, trie.n_nodes, device, f"trie nodes, {trie.n_nodes} of them")
@@ -719,7 +760,7 @@ def _conditional(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows,
             return out
     else:
         out = _topk_trie_conditional(op, logits, n_tokens, what, trie, rows_t, nodes_t, width, drop_end,
-                                     _check_temperature(op, temperature))
+                                     _check_temperature(op, temperature), sparse)
         _last_backend = "topk"
         return out
     lo, hi, symbol, k = _child_ranges(trie, nodes_t, width)
@@ -801,30 +842,45 @@ def project_to_student(logits, amap, *, temperature: float = 1.0, teacher=None, 
 
 
 def project_to_student_within(logits, amap, rows, consumed, *, temperature: float = 1.0, teacher=None,
-                              student=None) -> torch.Tensor:
+                              student=None, sparse: bool = False):
     """Next student piece inside a teacher token: ``[Q, V_s + 1]``. Query q reads logits row
     ``rows[q]`` and ``consumed[q]``, a node of the map's dec trie (the student pieces already
     consumed inside the teacher token): ``out[q, s] = log mass_dec(consumed + s) - log
-    mass_dec(consumed)``, ``out[q, V_s]`` the tokens whose dec_S equals ``consumed`` (``end``)."""
+    mass_dec(consumed)``, ``out[q, V_s]`` the tokens whose dec_S equals ``consumed`` (``end``).
+
+    ``sparse=True`` (``TopK`` rows only): a ``TopK`` of columns in ``[0, V_s]`` and their
+    log-probabilities, ``[Q, min(k, V_s + 1)]``: the columns the row's kept entries reach, in
+    increasing order, then unused padding columns at ``-inf``; scattered into ``[Q, V_s + 1]`` it
+    equals the dense result, at O(k log k) per query instead of a ``V_s + 1`` wide row."""
     op = "project_to_student_within"
     maps, _, dec = _map_tables(amap)
     _check_map_vocabs(op, amap, teacher, student)
     return _conditional(op, logits, maps.n_teacher, "the map's teacher vocabulary", dec, rows, consumed,
-                        "consumed", temperature, False)
+                        "consumed", temperature, False, bool(sparse))
 
 
-def cover_logmass(logits, amap, *, temperature: float = 1.0, teacher=None, student=None) -> torch.Tensor:
+def cover_logmass(logits, amap, *, temperature: float = 1.0, teacher=None, student=None, sparse: bool = False):
     """``[..., V_s]``: log mass of the teacher tokens whose bytes start with each student token's bytes
-    (``-inf`` for student specials and student tokens that prefix no teacher token)."""
+    (``-inf`` for student specials and student tokens that prefix no teacher token).
+
+    ``sparse=True`` (``TopK`` rows only): a ``TopK`` of student ids and log masses, ``[..., w]`` with
+    w the most student tokens any row reaches (each kept teacher token reaches the student tokens
+    that prefix its bytes): a row's ids in increasing order, then unused padding ids at ``-inf``."""
     op = "cover_logmass"
     maps, byte_trie, _ = _map_tables(amap)
     _check_map_vocabs(op, amap, teacher, student)
     if isinstance(logits, TopK):
         global _last_backend
         t = _check_temperature(op, temperature)
-        out = _topk_cover(op, logits, maps, byte_trie, t)
+        out = _topk_cover(op, logits, maps, byte_trie, t, bool(sparse))
         _last_backend = "topk"
-        return out.reshape(*logits.indices.shape[:-1], maps.n_student)
+        lead = tuple(logits.indices.shape[:-1])
+        if sparse:
+            w = out.indices.shape[-1]
+            return TopK(out.indices.reshape(*lead, w), out.logprobs.reshape(*lead, w))
+        return out.reshape(*lead, maps.n_student)
+    if sparse:
+        raise TypeError(f"{op}: sparse=True needs TopK teacher rows, got {type(logits).__name__}")
     _, lead = _dense_rows(op, logits, maps.n_teacher, "the map's teacher vocabulary")
     device = logits.device
     tab = maps.on(device)
