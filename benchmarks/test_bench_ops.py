@@ -22,9 +22,10 @@ import torch
 
 
 OPS = ["next_byte", "byte_conditional", "project", "project_within", "cover",
-       "next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk", "uld"]
+       "next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk", "project_within_topk",
+       "project_within_topk_sparse", "cover_topk_sparse", "uld"]
 IMPLS = ["ctalign", "roofline", "softmax", "reference", "reference_fp32", "index_add", "sparse_mm",
-         "prefix_sums", "scatter_add", "scatter_dense", "sort", "uld_loss_full_sort", "dense"]
+         "prefix_sums", "scatter_add", "scatter_dense", "dense_output", "sort", "uld_loss_full_sort", "dense"]
 
 
 def _pick(p, impl: str):

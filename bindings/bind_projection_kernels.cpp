@@ -482,6 +482,66 @@ void bind_projection_kernels(py::module_& m) {
       py::arg("nodes"), py::arg("width"), py::arg("drop_end"), py::arg("temperature"), py::arg("grad_out"),
       py::arg("n_threads"), "grad_logits [N, W] of trie_conditional_logprobs (zero in padding columns).");
   m.def(
+      "topk_trie_sparse",
+      [](const py::handle& indices, const py::handle& logprobs, const std::string& elem_type, std::int64_t vocab_size,
+         const py::handle& rank, const py::handle& first_symbol, const py::handle& order, const py::tuple& trie,
+         const py::handle& rows, const py::handle& nodes, std::int64_t width, bool drop_end, double temperature,
+         int n_threads) {
+        TopKArg x = topk_arg(indices, logprobs, elem_type, vocab_size, temperature);
+        auto rk = vec_arg<std::int32_t>(rank, "rank", vocab_size);
+        auto fs = vec_arg<std::int32_t>(first_symbol, "first_symbol", vocab_size);
+        TrieArgs t = trie_args(order, trie, rows, nodes, width, drop_end);
+        const std::int64_t w = std::min<std::int64_t>(x.view.k, width);
+        py::array_t<std::int64_t> ids({t.q.n_queries, w});
+        auto run = [&](auto tag) -> py::tuple {
+          using Out = decltype(tag);
+          py::array_t<Out> out({t.q.n_queries, w});
+          {
+            py::gil_scoped_release release;
+            kernels::topk_trie_sparse<Out>(x.view, rk.data(), fs.data(), t.q, ids.mutable_data(), out.mutable_data(),
+                                           n_threads);
+          }
+          return py::make_tuple(ids, out);
+        };
+        return x.view.type == ElemType::f64 ? run(double{}) : run(float{});
+      },
+      py::arg("indices"), py::arg("logprobs"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("rank"),
+      py::arg("first_symbol"), py::arg("order"), py::arg("trie"), py::arg("rows"), py::arg("nodes"), py::arg("width"),
+      py::arg("drop_end"),
+      py::arg("temperature"), py::arg("n_threads"),
+      "(ids int64 [Q, w], out [Q, w]): sparse trie conditionals from sparse rows, w = min(k, width).");
+  m.def(
+      "topk_cover_sparse",
+      [](const py::handle& indices, const py::handle& logprobs, const std::string& elem_type, std::int64_t vocab_size,
+         const py::handle& rank, std::int64_t order_size, const py::handle& ptr, const py::handle& students,
+         std::int64_t n_students, double temperature, int n_threads) {
+        TopKArg x = topk_arg(indices, logprobs, elem_type, vocab_size, temperature);
+        auto rk = vec_arg<std::int32_t>(rank, "rank", vocab_size);
+        auto pt = vec_arg<std::int64_t>(ptr, "ptr", order_size + 1);
+        auto st = array_arg<std::int64_t>(students, "students");
+        auto run = [&](auto tag) -> py::tuple {
+          using Out = decltype(tag);
+          kernels::SparseCover rows;
+          {
+            py::gil_scoped_release release;
+            kernels::topk_cover_sparse<Out>(x.view, rk.data(), order_size, pt.data(), st.data(), st.shape(0), n_students,
+                                            rows, n_threads);
+          }
+          py::array_t<std::int64_t> ids({x.view.n_rows, rows.width});
+          py::array_t<Out> out({x.view.n_rows, rows.width});
+          {
+            py::gil_scoped_release release;
+            kernels::write_sparse_rows<Out>(rows, ids.mutable_data(), out.mutable_data());
+          }
+          return py::make_tuple(ids, out);
+        };
+        return x.view.type == ElemType::f64 ? run(double{}) : run(float{});
+      },
+      py::arg("indices"), py::arg("logprobs"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("rank"),
+      py::arg("order_size"), py::arg("ptr"), py::arg("students"), py::arg("n_students"), py::arg("temperature"),
+      py::arg("n_threads"),
+      "(ids int64 [N, w], out [N, w]): sparse cover log masses from sparse rows, w = the most students a row reaches.");
+  m.def(
       "compact_child_ranges",
       [](const py::handle& child_start, const py::handle& child_node, const py::handle& node_lo,
          const py::handle& node_hi, const py::handle& node_end, const py::handle& node_symbol, const py::handle& nodes,

@@ -1292,12 +1292,12 @@ void range_backward(const Logits& x, const RangeQueries& q, const Out* out, cons
 // ---- trie-node conditionals -----------------------------------------------------------------
 // Validates rows, nodes and the order once per call: ids in [0, V), node ranges inside the order,
 // children in range whose ranges tile [end, hi) in order, symbols below the output's symbol columns.
-void check_trie_queries(const char* op, const Logits& x, const TrieQueries& q) {
+void check_trie_queries(const char* op, const Logits& x, const TrieQueries& q, bool whole_tables = true) {
   const std::string name(op);
   const TrieNodes& t = q.trie;
   const std::int64_t n_sym = q.drop_end ? q.width : q.width - 1;
   if (n_sym < 0) throw InputError(name + ": width must be at least 1 with the end column");
-  for (std::int64_t i = 0; i < q.order_size; ++i) {
+  for (std::int64_t i = 0; whole_tables && i < q.order_size; ++i) {
     if (q.order[i] < 0 || q.order[i] >= x.vocab_size) {
       throw InputError(name + ": order[" + std::to_string(i) + "] = " + std::to_string(q.order[i]) +
                        " is outside the vocabulary [0, " + std::to_string(x.vocab_size) + ")");
@@ -1316,8 +1316,17 @@ void check_trie_queries(const char* op, const Logits& x, const TrieQueries& q) {
       throw InputError(name + ": nodes[" + std::to_string(i) + "] = " + std::to_string(v) + " is outside [0, " +
                        std::to_string(t.n_nodes) + ")");
     }
+  }
+  // Each distinct node once (queries repeat nodes: every row may ask at the root, whose children are
+  // one per first symbol).
+  std::vector<std::int64_t> distinct(q.nodes, q.nodes + q.n_queries);
+  std::sort(distinct.begin(), distinct.end());
+  distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+  for (const std::int64_t v : distinct) {
     const std::int64_t lo = t.node_lo[v], end = t.node_end[v], hi = t.node_hi[v];
     if (!(0 <= lo && lo <= end && end <= hi && hi <= q.order_size)) bad_node(v, "has a range outside the order");
+    if (t.child_start[v] < 0 || t.child_start[v + 1] < t.child_start[v]) bad_node(v, "has a bad child_start entry");
+    if (!whole_tables) continue;  // the caller checks the children it reads
     std::int64_t pos = end;
     for (std::int64_t j = t.child_start[v]; j < t.child_start[v + 1]; ++j) {
       const std::int64_t c = t.child_node[j];
@@ -1676,6 +1685,146 @@ void topk_grouped_sparse_impl(const TopKRows& x, const std::int32_t* group, std:
   });
 }
 
+
+// A sparse output row from (column, mass) items: equal columns summed, columns in increasing order
+// with log(mass / den) (-inf without mass; den <= 0: all -inf), then padding ids (the smallest unused
+// columns) at -inf up to `width`. Items are sorted in place.
+template <class Out>
+void emit_sparse_row(std::vector<std::pair<std::int64_t, double>>& items, double den, std::int64_t width,
+                     std::int64_t* row_ids, Out* row_out) {
+  std::sort(items.begin(), items.end(),
+            [](const std::pair<std::int64_t, double>& a, const std::pair<std::int64_t, double>& b) { return a.first < b.first; });
+  const double log_den = den > 0 ? std::log(den) : kInf;
+  std::int64_t used = 0;
+  for (std::size_t i = 0; i < items.size();) {
+    const std::int64_t col = items[i].first;
+    double m = 0;
+    for (; i < items.size() && items[i].first == col; ++i) m += items[i].second;
+    row_ids[used] = col;
+    row_out[used] = static_cast<Out>(m > 0 && den > 0 ? std::log(m) - log_den : -kInf);
+    ++used;
+  }
+  std::int64_t next = 0, taken = 0;
+  for (std::int64_t slot = used; slot < width; ++slot) {
+    while (taken < used && row_ids[taken] < next) ++taken;
+    while (taken < used && row_ids[taken] == next) {
+      ++next;
+      ++taken;
+    }
+    row_ids[slot] = next++;
+    row_out[slot] = static_cast<Out>(-kInf);
+  }
+}
+
+// Sparse rows, trie-node conditionals with sparse output (the torch path in ops.py,
+// _topk_trie_conditional(sparse=True), gives the same ids in the same order).
+template <class T, class Out>
+void topk_trie_sparse_impl(const TopKRows& x, const std::int32_t* rank, const std::int32_t* first_symbol,
+                           const TrieQueries& q, std::int64_t* ids, Out* out, int n_threads) {
+  const RowKernels<Out> kern = row_kernels<Out>(std::is_same_v<Out, double> ? ElemType::f64 : ElemType::f32);
+  const std::int64_t width = std::min<std::int64_t>(x.k, q.width);
+  const std::int64_t n_sym = q.drop_end ? q.width : q.width - 1;
+  const TrieNodes& t = q.trie;
+  Logits shape;
+  shape.n_rows = x.n_rows;
+  RangeQueries by_row;
+  by_row.rows = q.rows;
+  by_row.n_queries = q.n_queries;
+  const QueriesByRow byrow = group_queries(shape, by_row);
+  const std::int64_t n_active = static_cast<std::int64_t>(byrow.active_rows.size());
+  const int threads = thread_count(n_threads, q.n_queries * x.k * 8);
+  struct Scratch {
+    DuplicateFinder dup;
+    std::vector<Out> p;
+    std::vector<std::pair<std::int64_t, double>> items;
+  };
+  std::vector<Scratch> scratch(threads);
+  sparse_rows_for(n_active, threads, [&](std::int64_t item, int tid) {
+    Scratch& sc = scratch[tid];
+    const std::int64_t r = byrow.active_rows[item];
+    sparse_row<T, Out>(kern, x, r, sc.dup, sc.p);  // the row's probabilities, once for all its queries
+    const std::int64_t* tok = x.indices + r * x.k;
+    for (std::int64_t jq = byrow.start[r]; jq < byrow.start[r + 1]; ++jq) {
+      const std::int64_t qi = byrow.ids[jq], v = q.nodes[qi];
+      const std::int64_t lo = t.node_lo[v], end = t.node_end[v], hi = t.node_hi[v];
+      const std::int32_t* kids = t.child_node + t.child_start[v];
+      const std::int64_t n_kids = t.child_start[v + 1] - t.child_start[v];
+      sc.items.clear();
+      double den = 0;
+      for (std::int64_t j = 0; j < x.k; ++j) {
+        const std::int64_t pos = rank[tok[j]];
+        if (pos < -1 || pos >= q.order_size) bad_table("topk_trie_sparse", "rank", tok[j], pos);
+        if (pos < lo || pos >= hi || (q.drop_end && pos < end)) continue;
+        std::int64_t col = q.width - 1;  // the end column
+        if (pos >= end && v == 0 && first_symbol != nullptr) {  // at the root: the token's first symbol
+          col = first_symbol[tok[j]];
+          if (col < 0 || col >= n_sym) bad_table("topk_trie_sparse", "first_symbol", tok[j], col);
+        } else if (pos >= end) {  // the child whose range holds pos: the last one starting at or before it
+          std::int64_t a = 0, b = n_kids;
+          while (b - a > 1) {
+            const std::int64_t m = (a + b) / 2;
+            if (kids[m] < 0 || kids[m] >= t.n_nodes) bad_table("topk_trie_sparse", "child_node", v, kids[m]);
+            if (t.node_lo[kids[m]] <= pos) a = m; else b = m;
+          }
+          if (n_kids == 0 || kids[a] < 0 || kids[a] >= t.n_nodes) bad_table("topk_trie_sparse", "child_node", v, n_kids);
+          col = t.node_symbol[kids[a]];
+          if (col < 0 || col >= n_sym) bad_table("topk_trie_sparse", "node_symbol", kids[a], col);
+        }
+        const double pj = static_cast<double>(sc.p[j]);
+        sc.items.emplace_back(col, pj);
+        den += pj;
+      }
+      emit_sparse_row<Out>(sc.items, den, width, ids + qi * width, out + qi * width);
+    }
+  });
+}
+
+// Sparse rows, cover log masses with sparse output: each entry reaches the students listed for its
+// position (students[ptr[pos] : ptr[pos + 1]]); a row's (student, mass) pairs merged and sorted, kept
+// per row until the widest row is known.
+template <class T, class Out>
+void topk_cover_sparse_impl(const TopKRows& x, const std::int32_t* rank, std::int64_t order_size,
+                            const std::int64_t* ptr, const std::int64_t* students, std::int64_t n_entries,
+                            std::int64_t n_students, SparseCover& result, int n_threads) {
+  const RowKernels<Out> kern = row_kernels<Out>(std::is_same_v<Out, double> ? ElemType::f64 : ElemType::f32);
+  const int threads = thread_count(n_threads, x.n_rows * x.k * 32);
+  struct Scratch {
+    DuplicateFinder dup;
+    std::vector<Out> p;
+  };
+  std::vector<Scratch> scratch(threads);
+  result.rows.assign(static_cast<std::size_t>(x.n_rows), {});
+  sparse_rows_for(x.n_rows, threads, [&](std::int64_t r, int tid) {
+    Scratch& sc = scratch[tid];
+    sparse_row<T, Out>(kern, x, r, sc.dup, sc.p);
+    const std::int64_t* tok = x.indices + r * x.k;
+    std::vector<std::pair<std::int64_t, double>>& items = result.rows[r];
+    for (std::int64_t j = 0; j < x.k; ++j) {
+      const std::int64_t pos = rank[tok[j]];
+      if (pos < -1 || pos >= order_size) bad_table("topk_cover_sparse", "rank", tok[j], pos);
+      if (pos < 0) continue;
+      const std::int64_t a = ptr[pos], b = ptr[pos + 1];
+      if (a < 0 || b < a || b > n_entries) bad_table("topk_cover_sparse", "ptr", pos, b);
+      for (std::int64_t e = a; e < b; ++e) {
+        if (students[e] < 0 || students[e] >= n_students) bad_table("topk_cover_sparse", "students", e, students[e]);
+        items.emplace_back(students[e], static_cast<double>(sc.p[j]));
+      }
+    }
+    std::sort(items.begin(), items.end());
+    std::size_t u = 0;
+    for (std::size_t i = 0; i < items.size(); ++i) {
+      if (u > 0 && items[u - 1].first == items[i].first) {
+        items[u - 1].second += items[i].second;
+      } else {
+        items[u++] = items[i];
+      }
+    }
+    items.resize(u);
+  });
+  result.width = 0;
+  for (const auto& row : result.rows) result.width = std::max<std::int64_t>(result.width, static_cast<std::int64_t>(row.size()));
+}
+
 void check_topk(const char* op, const TopKRows& x) {
   const std::string p = std::string(op) + ": ";
   elem_size(x.type);
@@ -1810,6 +1959,50 @@ template void trie_conditional_logprobs_backward<float>(const Logits&, const Tri
                                                         std::int64_t, int);
 template void trie_conditional_logprobs_backward<double>(const Logits&, const TrieQueries&, const double*, double*,
                                                          std::int64_t, int);
+
+
+template <class Out>
+void topk_trie_sparse(const TopKRows& x, const std::int32_t* rank, const std::int32_t* first_symbol,
+                      const TrieQueries& q, std::int64_t* ids, Out* out, int n_threads) {
+  check_topk("topk_trie_sparse", x);
+  Logits shape;
+  shape.n_rows = x.n_rows;
+  shape.vocab_size = x.vocab_size;
+  check_trie_queries("topk_trie_sparse", shape, q, /*whole_tables=*/false);
+  dispatch_sparse<Out>(x.type,
+                       [&](auto t) { topk_trie_sparse_impl<decltype(t), Out>(x, rank, first_symbol, q, ids, out, n_threads); });
+}
+
+template <class Out>
+void topk_cover_sparse(const TopKRows& x, const std::int32_t* rank, std::int64_t order_size, const std::int64_t* ptr,
+                       const std::int64_t* students, std::int64_t n_entries, std::int64_t n_students,
+                       SparseCover& result, int n_threads) {
+  check_topk("topk_cover_sparse", x);
+  dispatch_sparse<Out>(x.type, [&](auto t) {
+    topk_cover_sparse_impl<decltype(t), Out>(x, rank, order_size, ptr, students, n_entries, n_students, result,
+                                             n_threads);
+  });
+}
+
+template <class Out>
+void write_sparse_rows(SparseCover& rows, std::int64_t* ids, Out* out) {
+  const std::int64_t width = rows.width;
+  for (std::size_t r = 0; r < rows.rows.size(); ++r) {
+    emit_sparse_row<Out>(rows.rows[r], 1.0, width, ids + static_cast<std::int64_t>(r) * width,
+                         out + static_cast<std::int64_t>(r) * width);
+  }
+}
+
+template void topk_trie_sparse<float>(const TopKRows&, const std::int32_t*, const std::int32_t*, const TrieQueries&,
+                                      std::int64_t*, float*, int);
+template void topk_trie_sparse<double>(const TopKRows&, const std::int32_t*, const std::int32_t*, const TrieQueries&,
+                                       std::int64_t*, double*, int);
+template void topk_cover_sparse<float>(const TopKRows&, const std::int32_t*, std::int64_t, const std::int64_t*,
+                                       const std::int64_t*, std::int64_t, std::int64_t, SparseCover&, int);
+template void topk_cover_sparse<double>(const TopKRows&, const std::int32_t*, std::int64_t, const std::int64_t*,
+                                        const std::int64_t*, std::int64_t, std::int64_t, SparseCover&, int);
+template void write_sparse_rows<float>(SparseCover&, std::int64_t*, float*);
+template void write_sparse_rows<double>(SparseCover&, std::int64_t*, double*);
 
 std::int64_t max_children(const TrieNodes& t, const std::int64_t* nodes, std::int64_t q) {
   std::int64_t k = 0;

@@ -33,6 +33,8 @@
 // Memory: per thread O(G) or O(V + M) scratch; outputs are the caller's.
 #pragma once
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace ctalign::kernels {
 
@@ -155,6 +157,29 @@ void trie_conditional_logprobs(const Logits& x, const TrieQueries& q, Out* out, 
 template <class Out>
 void trie_conditional_logprobs_backward(const Logits& x, const TrieQueries& q, const Out* grad_out, Out* grad,
                                         std::int64_t grad_width, int n_threads);
+// Sparse rows, sparse outputs of the trie and cover ops (ids, out: [Q or n_rows, width], a row's
+// reached columns in increasing order, then the smallest unused columns at -inf; the same ids as the
+// torch paths in ctalign/ops.py). rank: int32[vocab_size], each token's position in the trie order
+// (-1 outside). topk_trie_sparse: the conditionals of `q` (q.order is not read), width =
+// min(k, q.width); first_symbol (int32[vocab_size], may be null): each token's first symbol, the
+// child of the root (node 0) that holds it, which spares a search among the root's children.
+// O(k log k) per query. topk_cover_sparse: an entry at position p reaches students[ptr[p] :
+// ptr[p + 1]] (ptr: [order_size + 1]); fills `result` (each row's merged (student, mass) pairs and
+// the widest row's width), which write_sparse_rows then writes as [n_rows, width] log masses (as
+// given, not renormalised). O(kL log kL) per row for tokens of L prefixes.
+template <class Out>
+void topk_trie_sparse(const TopKRows& x, const std::int32_t* rank, const std::int32_t* first_symbol,
+                      const TrieQueries& q, std::int64_t* ids, Out* out, int n_threads);
+struct SparseCover {
+  std::vector<std::vector<std::pair<std::int64_t, double>>> rows;
+  std::int64_t width = 0;
+};
+template <class Out>
+void topk_cover_sparse(const TopKRows& x, const std::int32_t* rank, std::int64_t order_size, const std::int64_t* ptr,
+                       const std::int64_t* students, std::int64_t n_entries, std::int64_t n_students,
+                       SparseCover& result, int n_threads);
+template <class Out>
+void write_sparse_rows(SparseCover& rows, std::int64_t* ids, Out* out);
 // Instruction set of the float kernels, picked once from cpuid (the best the CPU runs); tests and
 // benchmarks may force a lower one. Throws InputError for one this CPU cannot run.
 enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };

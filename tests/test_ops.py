@@ -379,8 +379,12 @@ def test_sparse_within_and_cover_scatter_back_to_their_dense_outputs(pair, text_
              ("cover", lambda **kw: ops.cover_logmass(topk, amap, **kw), n_s, None))
     for name, fn, n_cols, width in cases:
         dense = fn()
-        out = fn(sparse=True)
+        out = fn(sparse=True)  # compiled on CPU
         assert isinstance(out, TopK) and ops.last_backend() == "topk"
+        with ops.force_backend("reference"):
+            torch_path = fn(sparse=True)  # pure torch: the same ids in the same order
+        assert torch.equal(out.indices, torch_path.indices), name
+        assert_logs_close(out.logprobs, torch_path.logprobs, what=f"{name}: compiled vs pure torch")
         n_rows = dense.shape[0]
         used = torch.isfinite(dense).sum(-1)
         if width is None:  # cover: the most student tokens a row's kept entries reach, zero-mass ones too
@@ -399,6 +403,13 @@ def test_sparse_within_and_cover_scatter_back_to_their_dense_outputs(pair, text_
         assert_logs_close(scattered, dense, what=f"scattered sparse {name}")
     with pytest.raises(TypeError, match="sparse=True needs TopK"):
         ops.cover_logmass(x, amap, sparse=True)
+    for backend in (None, "reference"):
+        with ops.force_backend(backend):
+            with pytest.raises(ValueError, match="cover_logmass: .*row 1 .*more than once"):
+                ops.cover_logmass(TopK(torch.tensor([[1, 2], [3, 3]]), torch.full((2, 2), -1.0)), amap, sparse=True)
+            with pytest.raises(ValueError, match="project_to_student_within: .*row 0 holds NaN"):
+                ops.project_to_student_within(TopK(torch.tensor([[1, 2]]), torch.tensor([[-1.0, float("nan")]])), amap,
+                                              [0], [0], sparse=True)
     with pytest.raises(TypeError, match="sparse=True needs TopK"):
         ops.project_to_student_within(x, amap, [0], [0], sparse=True)
     lp = values[:2, :8].double().clamp(min=-30).requires_grad_()  # gradients through the sparse outputs

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - the package is unusable without its co
 
 __all__ = [
     "available", "full_output", "grouped_logmass", "grouped_logmass_backward", "range_logmass", "range_logmass_backward",
-    "topk_grouped_logmass", "topk_grouped_sparse", "trie_conditional_logprobs",
+    "topk_grouped_logmass", "topk_grouped_sparse", "topk_trie_sparse", "topk_cover_sparse", "trie_conditional_logprobs",
     "trie_conditional_logprobs_backward", "num_threads", "set_num_threads", "kernel_isa", "set_kernel_isa",
 ]
 
@@ -167,4 +167,25 @@ def topk_grouped_sparse(indices, logprobs, vocab_size, group, n_groups, temperat
     idx, lp, elem_type = _topk_view(indices, logprobs)
     ids, out = _core.topk_grouped_sparse(idx, lp, elem_type, int(vocab_size), _np(group, torch.int32), int(n_groups),
                                          float(temperature), num_threads())
+    return torch.from_numpy(ids), torch.from_numpy(out)
+
+
+def topk_trie_sparse(indices, logprobs, vocab_size, rank, first_symbol, order, trie_nodes, rows, nodes, width, drop_end,
+                     temperature):
+    """Sparse rows -> (ids int64 [Q, w], log-probabilities [Q, w]) of trie conditionals, w = min(k, width);
+    validates the rows like the other sparse kernels."""
+    idx, lp, elem_type = _topk_view(indices, logprobs)
+    ids, out = _core.topk_trie_sparse(idx, lp, elem_type, int(vocab_size), _np(rank, torch.int32),
+                                      _np(first_symbol, torch.int32), _np(order, torch.int32),
+                                      tuple(trie_nodes), _np(rows, torch.int64), _np(nodes, torch.int64), int(width),
+                                      bool(drop_end), float(temperature), num_threads())
+    return torch.from_numpy(ids), torch.from_numpy(out)
+
+
+def topk_cover_sparse(indices, logprobs, vocab_size, rank, order_size, ptr, students, n_students, temperature):
+    """Sparse rows -> (ids int64 [N, w], log masses [N, w]) of cover_logmass, w = the most students a row reaches."""
+    idx, lp, elem_type = _topk_view(indices, logprobs)
+    ids, out = _core.topk_cover_sparse(idx, lp, elem_type, int(vocab_size), _np(rank, torch.int32), int(order_size),
+                                       _np(ptr, torch.int64), _np(students, torch.int64), int(n_students),
+                                       float(temperature), num_threads())
     return torch.from_numpy(ids), torch.from_numpy(out)

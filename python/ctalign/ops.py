@@ -202,6 +202,41 @@ class _TrieConditional(torch.autograd.Function):
         return grad.to(x.dtype), None, None, None, None, None, None, None, None
 
 
+class _TopKTrieSparse(torch.autograd.Function):
+    """Sparse rows to sparse trie conditionals on CPU: the compiled forward; the backward differentiates
+    the torch path (_topk_trie_conditional), which lists the same ids in the same order."""
+
+    @staticmethod
+    def forward(ctx, logprobs, indices, torch_path, kernel_args):
+        ctx.save_for_backward(logprobs, indices)
+        ctx.torch_path = torch_path
+        ids, out = _cpu_backend.topk_trie_sparse(indices, logprobs, *kernel_args)
+        ctx.mark_non_differentiable(ids)
+        return ids, out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _grad_ids, grad_out):
+        logprobs, indices = ctx.saved_tensors
+        with torch.enable_grad():
+            lp = logprobs.detach().requires_grad_()
+            out = ctx.torch_path(TopK(indices, lp)).logprobs
+            (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
+        return grad, None, None, None
+
+
+class _TopKCoverSparse(_TopKTrieSparse):
+    """The same for cover_logmass's sparse output."""
+
+    @staticmethod
+    def forward(ctx, logprobs, indices, torch_path, kernel_args):
+        ctx.save_for_backward(logprobs, indices)
+        ctx.torch_path = torch_path
+        ids, out = _cpu_backend.topk_cover_sparse(indices, logprobs, *kernel_args)
+        ctx.mark_non_differentiable(ids)
+        return ids, out
+
+
 class _TopKGrouped(torch.autograd.Function):
     """Sparse rows on CPU: the compiled forward; the backward differentiates the reference (O(k))."""
 
@@ -645,10 +680,22 @@ def _pack_sparse(key: torch.Tensor, mass: torch.Tensor, den: torch.Tensor | None
 
 def _topk_trie_conditional(op: str, topk: "TopK", n_tokens: int, what: str, trie: _Tables, rows: torch.Tensor,
                            nodes: torch.Tensor, width: int, drop_end: bool, temperature: float,
-                           sparse: bool = False):
+                           sparse: bool = False, compiled: bool = True):
     """Trie conditionals from top-k rows in torch ops (any device, autograd through them): each kept
     entry finds the child of the query's node that holds it (searchsorted over the child keys), so a
     query costs O(k log children + width), however many children its node has."""
+    if sparse and compiled and isinstance(topk.indices, torch.Tensor) and _compiled_topk(topk.indices):
+        idx, lp, _ = _topk_rows(op, topk, n_tokens, what, deep=False)  # the kernel validates the rows
+        tab = trie.on(idx.device)
+        rank32 = trie.derived("rank32", idx.device, lambda host: host["rank"].to(torch.int32))
+
+        def torch_path(t):
+            return _topk_trie_conditional(op, t, n_tokens, what, trie, rows, nodes, width, drop_end, temperature,
+                                          sparse=True, compiled=False)
+
+        args = (n_tokens, rank32, tab["group"], tab["order"], trie.nodes_np, rows, nodes, width, drop_end, temperature)
+        ids, out = _compiled_call(op, _TopKTrieSparse.apply, lp, idx, torch_path, args)
+        return TopK(ids, out)
     idx, lp, _ = _topk_rows(op, topk, n_tokens, what, deep=True)
     p, out_dtype = reference._topk_probs(lp, temperature)
     device, m = p.device, trie.n_members
@@ -677,14 +724,26 @@ def _topk_trie_conditional(op: str, topk: "TopK", n_tokens: int, what: str, trie
 
 
 def _topk_cover(op: str, topk: "TopK", maps: _Tables, byte_trie: _Tables, temperature: float,
-                sparse: bool = False):
+                sparse: bool = False, compiled: bool = True):
     """cover_logmass from top-k rows in torch ops: each kept entry adds its probability to the student
     tokens that prefix it (a per-position list built once per map), so a row costs O(k L + V_s) for
     tokens of L bytes instead of a range query per student token."""
-    idx, lp, _ = _topk_rows(op, topk, maps.n_teacher, "the map's teacher vocabulary", deep=True)
+    m = byte_trie.n_members
+    what = "the map's teacher vocabulary"
+    if sparse and compiled and isinstance(topk.indices, torch.Tensor) and _compiled_topk(topk.indices):
+        idx, lp, _ = _topk_rows(op, topk, maps.n_teacher, what, deep=False)  # the kernel validates the rows
+        lists = maps.derived("cover_lists", idx.device, lambda host: _cover_lists(host, m))
+        rank32 = byte_trie.derived("rank32", idx.device, lambda host: host["rank"].to(torch.int32))
+
+        def torch_path(t):
+            return _topk_cover(op, t, maps, byte_trie, temperature, sparse=True, compiled=False)
+
+        args = (maps.n_teacher, rank32, m, lists[:m + 1], lists[m + 1:], maps.n_student, temperature)
+        ids, out = _compiled_call(op, _TopKCoverSparse.apply, lp, idx, torch_path, args)
+        return TopK(ids, out)
+    idx, lp, _ = _topk_rows(op, topk, maps.n_teacher, what, deep=True)
     p, out_dtype = reference._topk_probs(lp, temperature)
     device = p.device
-    m = byte_trie.n_members
     lists = maps.derived("cover_lists", device, lambda host: _cover_lists(host, m))
     ptr, students = lists[:m + 1], lists[m + 1:]
     r = byte_trie.on(device)["rank"][idx]  # [N, k], -1 outside the trie order
