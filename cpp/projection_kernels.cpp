@@ -1291,7 +1291,9 @@ void range_backward(const Logits& x, const RangeQueries& q, const Out* out, cons
 
 // ---- trie-node conditionals -----------------------------------------------------------------
 // Validates rows, nodes and the order once per call: ids in [0, V), node ranges inside the order,
-// children in range whose ranges tile [end, hi) in order, symbols below the output's symbol columns.
+// children in range whose ranges tile [end, hi) in order, symbols below the output's symbol columns
+// (each distinct node once). whole_tables = false (the sparse kernels, which read no order and check
+// each child they probe): rows, nodes, node ranges and child_start only.
 void check_trie_queries(const char* op, const Logits& x, const TrieQueries& q, bool whole_tables = true) {
   const std::string name(op);
   const TrieNodes& t = q.trie;
