@@ -1723,7 +1723,9 @@ void emit_sparse_row(std::vector<std::pair<std::int64_t, double>>& items, double
 template <class T, class Out>
 void topk_trie_sparse_impl(const TopKRows& x, const std::int32_t* rank, const std::int32_t* first_symbol,
                            const TrieQueries& q, std::int64_t* ids, Out* out, int n_threads) {
-  const RowKernels<Out> kern = row_kernels<Out>(std::is_same_v<Out, double> ? ElemType::f64 : ElemType::f32);
+  // Probabilities in double whatever the output type: a conditional is a ratio, defined however small
+  // its masses (float e^lp would drop entries below e^-87).
+  const RowKernels<double> kern = row_kernels<double>(ElemType::f64);
   const std::int64_t width = std::min<std::int64_t>(x.k, q.width);
   const std::int64_t n_sym = q.drop_end ? q.width : q.width - 1;
   const TrieNodes& t = q.trie;
@@ -1737,14 +1739,14 @@ void topk_trie_sparse_impl(const TopKRows& x, const std::int32_t* rank, const st
   const int threads = thread_count(n_threads, q.n_queries * x.k * 8);
   struct Scratch {
     DuplicateFinder dup;
-    std::vector<Out> p;
+    std::vector<double> p;
     std::vector<std::pair<std::int64_t, double>> items;
   };
   std::vector<Scratch> scratch(threads);
   sparse_rows_for(n_active, threads, [&](std::int64_t item, int tid) {
     Scratch& sc = scratch[tid];
     const std::int64_t r = byrow.active_rows[item];
-    sparse_row<T, Out>(kern, x, r, sc.dup, sc.p);  // the row's probabilities, once for all its queries
+    sparse_row<T, double>(kern, x, r, sc.dup, sc.p);  // the row's probabilities, once for all its queries
     const std::int64_t* tok = x.indices + r * x.k;
     for (std::int64_t jq = byrow.start[r]; jq < byrow.start[r + 1]; ++jq) {
       const std::int64_t qi = byrow.ids[jq], v = q.nodes[qi];
@@ -1788,17 +1790,17 @@ template <class T, class Out>
 void topk_cover_sparse_impl(const TopKRows& x, const std::int32_t* rank, std::int64_t order_size,
                             const std::int64_t* ptr, const std::int64_t* students, std::int64_t n_entries,
                             std::int64_t n_students, SparseCover& result, int n_threads) {
-  const RowKernels<Out> kern = row_kernels<Out>(std::is_same_v<Out, double> ? ElemType::f64 : ElemType::f32);
+  const RowKernels<double> kern = row_kernels<double>(ElemType::f64);  // masses down to e^-708, as given
   const int threads = thread_count(n_threads, x.n_rows * x.k * 32);
   struct Scratch {
     DuplicateFinder dup;
-    std::vector<Out> p;
+    std::vector<double> p;
   };
   std::vector<Scratch> scratch(threads);
   result.rows.assign(static_cast<std::size_t>(x.n_rows), {});
   sparse_rows_for(x.n_rows, threads, [&](std::int64_t r, int tid) {
     Scratch& sc = scratch[tid];
-    sparse_row<T, Out>(kern, x, r, sc.dup, sc.p);
+    sparse_row<T, double>(kern, x, r, sc.dup, sc.p);
     const std::int64_t* tok = x.indices + r * x.k;
     std::vector<std::pair<std::int64_t, double>>& items = result.rows[r];
     for (std::int64_t j = 0; j < x.k; ++j) {

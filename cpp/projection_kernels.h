@@ -88,8 +88,9 @@ void range_logmass_backward(const Logits& x, const RangeQueries& q, const Out* o
 // tail is not renormalised). A temperature T reshapes the kept entries keeping their total mass:
 // lp_T = lp / T - logsumexp(lp / T) + logsumexp(lp). Entries with lp = -inf have no mass; NaN, +inf,
 // ids outside [0, vocab_size) and an id listed twice in a row throw InputError naming the row.
-// Cost per row: O(k log k) (validation sort) + O(n_groups) output fill. (Range and trie queries on
-// sparse rows run in torch ops, ctalign/ops.py: O(k log k) per query.) Numerics: float outputs use float e^x and log (mass below ~1e-38 counts as 0),
+// Cost per row: O(k log k) (validation sort) + O(n_groups) output fill. (Dense-output range and
+// trie queries on sparse rows run in torch ops, ctalign/ops.py; their sparse outputs are the
+// topk_*_sparse kernels below, which take probabilities in double.) Numerics: float outputs use float e^x and log (mass below ~1e-38 counts as 0),
 // double outputs (fp64 log-probabilities) use libm in double.
 struct TopKRows {
   const std::int64_t* indices = nullptr;  // [n_rows, k]
@@ -137,7 +138,9 @@ void compact_child_ranges(const TrieNodes& t, const std::int64_t* nodes, std::in
 // = log mass(c) - log mass(den) for each child c, out[q, width - 1] = log mass([lo, end)) - log
 // mass(den) (the end column, absent with drop_end), -inf elsewhere; den = [lo, hi), or [end, hi)
 // with drop_end; a node without mass gives a row of -inf. Masses are direct double sums of the row's
-// e^(x/T - max) over the order positions, so ratios keep their relative precision at any size.
+// e^(x/T - max) over the order positions (no prefix differences), so a ratio keeps its relative
+// precision however small it is, within float e^x's range (tokens ~140 nats below the row's top
+// count as zero, as in the other float kernels).
 // Cost: one e^x pass per row some query reads, then O(node range + width) per query. Invalid rows,
 // nodes, order ids or child symbols (>= width - 1, or >= width with drop_end) throw InputError.
 // out: [Q, width]; lse: [n_rows] (0 for rows no query reads). Backward: grad [n_rows, grad_width]

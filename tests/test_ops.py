@@ -418,6 +418,43 @@ def test_sparse_within_and_cover_scatter_back_to_their_dense_outputs(pair, text_
                lambda y: ops.cover_logmass(TopK(top.indices[:2, :8], y), amap, sparse=True).logprobs):
         assert torch.autograd.gradcheck(_finite_part(fn, lp), (lp,), fast_mode=True)
 
+
+def test_sparse_outputs_keep_tiny_masses(pair):
+    """A conditional is a ratio: entries far below e^-87 (float's exp range) still define it, on the
+    compiled and the torch path alike; cover keeps log masses down to e^-700 as given."""
+    teacher, _, amap = pair
+    dec = ops._map_tables(amap)[2]
+    cs, cn, lo, hi = (torch.from_numpy(a.astype(np.int64)) for a in dec.nodes_np[:4])
+    order, rank = dec.host["order"].long(), dec.host["rank"]
+    v = next(i for i in range(1, dec.n_nodes) if cs[i + 1] - cs[i] >= 2)
+    t1, t2 = int(order[lo[cn[cs[v]]]]), int(order[lo[cn[cs[v] + 1]]])
+    other = next(t for t in order.tolist() if not (lo[v] <= rank[t] < hi[v]))
+    topk = TopK(torch.tensor([[other, t1, t2]]), torch.tensor([[-1e-3, -95.0, -96.0]]))
+    want = [math.log(1 / (1 + math.exp(-1))), math.log(math.exp(-1) / (1 + math.exp(-1)))]
+    for backend in (None, "reference"):
+        with ops.force_backend(backend):
+            out = ops.project_to_student_within(topk, amap, [0], [v], sparse=True)
+            cover = ops.cover_logmass(TopK(torch.tensor([[t2]]), torch.tensor([[-100.0]])), amap, sparse=True)
+        got = sorted(out.logprobs[0][torch.isfinite(out.logprobs[0])].tolist(), reverse=True)
+        assert len(got) == 2 and all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (backend, got)
+        reached = cover.logprobs[torch.isfinite(cover.logprobs)]  # the student tokens that prefix t2
+        assert reached.numel() >= 1 and torch.allclose(reached, torch.full_like(reached, -100.0)), (backend, reached)
+
+
+def test_outputs_without_mass_carry_no_gradient_on_every_backend(small):
+    """Upstream gradient on -inf outputs (e.g. an empty end column) reaches no logit, on the compiled
+    kernels and the pure-torch path alike."""
+    teacher, _, _ = small
+    x = logits_for(1, len(teacher), seed=33, pad=0, dtype=torch.float64).requires_grad_()
+    for node in (0, 3, 50):
+        for backend in ("cpu", "reference"):
+            with ops.force_backend(backend):
+                out = ops.byte_conditional_logprobs(x, teacher, [0], [node])
+            none = torch.isneginf(out)
+            assert none.any()
+            (gx,) = torch.autograd.grad(out, x, none.double())
+            assert float(gx.abs().sum()) == 0.0, (node, backend)
+
 def test_sparse_projection_pads_and_refuses_dense_logits(small):
     teacher, student, amap = small
     V = len(teacher)

@@ -533,13 +533,15 @@ def _prefix_queries(trie, rows: int, per_row: int, seed: int, fall_back_to_singl
     return np.asarray(rows_out, dtype=np.int64), np.asarray(nodes_out, dtype=np.int64)
 
 
-def _out_cols(op: str, n_student: int | None) -> int:
-    """Columns of an op's output row."""
+def _out_cols(op: str, n_student: int | None, k: int | None = None) -> int:
+    """Columns of an op's output row (for cover_topk_sparse, whose width is the most student tokens a
+    row reaches, a bound: k entries of at most 16 student prefixes each)."""
     vs = n_student or 0
+    k = k or 64
     return {"next_byte": 257, "byte_conditional": 257, "next_byte_topk": 257, "project": vs + 1,
-            "project_within": vs + 1, "project_within_topk": vs + 1, "project_within_topk_sparse": 64,
-            "project_topk": vs + 1, "project_topk_sparse": 64, "cover": vs, "cover_topk": vs, "cover_topk_sparse": 64,
-            "uld": 1}[op]
+            "project_within": vs + 1, "project_within_topk": vs + 1, "project_within_topk_sparse": min(k, vs + 1),
+            "project_topk": vs + 1, "project_topk_sparse": min(k, vs + 1), "cover": vs, "cover_topk": vs,
+            "cover_topk_sparse": min(16 * k, vs), "uld": 1}[op]
 
 
 def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) -> Prepared:
@@ -558,7 +560,7 @@ def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) ->
             raise Unavailable(f"{case.op} needs a TEACHER:STUDENT pair")
         amap = ws.amap(case.teacher, case.student)
     Vs = _student_size(amap) if amap is not None else None
-    out_cols = _out_cols(case.op, Vs)
+    out_cols = _out_cols(case.op, Vs, case.k)
     need = case.rows * (W * itemsize + out_cols * 4)
     if need > mem_budget:
         raise Unavailable(f"needs {need / GiB:.1f} GiB of logits and output > budget {mem_budget / GiB:.1f} GiB")
@@ -844,7 +846,7 @@ def run_case(ws: Workspace, case: Case, opts: "Options") -> dict:
             rec["V_student"] = len(ws.vocab(case.student))
         rec["queries"] = p.queries
         rec["bytes_read"] = p.bytes_read
-        rec["out_cols"] = _out_cols(case.op, rec.get("V_student"))
+        rec["out_cols"] = _out_cols(case.op, rec.get("V_student"), case.k)  # cover_topk_sparse: set from its output
         t = dict(cuda=cuda, target_s=opts.target_s, min_reps=opts.min_reps)
 
         ops, _ = _api()
@@ -853,6 +855,8 @@ def run_case(ws: Workspace, case: Case, opts: "Options") -> dict:
         except Exception as e:  # noqa: BLE001 - a broken op is reported, the run goes on
             rec["skipped"] = f"op failed: {type(e).__name__}: {e}"
             return rec
+        if case.op == "cover_topk_sparse":
+            rec["out_cols"] = int(out.indices.shape[-1])
         rec["backend"] = "torch (losses)" if case.op == "uld" else _last_backend(ops)
         if rec["backend"] == "cuda":
             try:

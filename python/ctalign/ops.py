@@ -331,6 +331,8 @@ def _topk_rows(op: str, topk: TopK, n_tokens: int, what: str, *, deep: bool = Tr
     if indices.device != logprobs.device:
         raise ValueError(f"{op}: TopK.indices is on {indices.device} but TopK.logprobs on {logprobs.device}")
     k = indices.shape[-1]
+    if k == 0:
+        raise ValueError(f"{op}: TopK rows must keep at least one entry (got k = 0, shape {tuple(indices.shape)})")
     idx = indices.reshape(-1, k).to(torch.int64)
     lp = logprobs.reshape(-1, k)
     if deep and idx.numel():
@@ -361,7 +363,8 @@ def _index_arg(op: str, name: str, values, upper: int, device: torch.device, wha
             raise ValueError(f"{op}: {name} is on {t.device} but the logits are on {device}")
     else:
         try:
-            t = torch.as_tensor(np.asarray(values))
+            arr = np.asarray(values)
+            t = torch.as_tensor(arr.astype(np.int64) if arr.size == 0 else arr)  # [] has no integer dtype of its own
         except Exception as e:
             raise TypeError(f"{op}: {name} must be a sequence of ints, got {type(values).__name__}") from e
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -628,9 +631,10 @@ def _scatter_log_masses(out: torch.Tensor, key: torch.Tensor, mass: torch.Tensor
     if key.numel() == 0:
         return out
     ukey, inv = torch.unique(key, return_inverse=True)
-    vals = reference.safe_log(torch.zeros(len(ukey), dtype=mass.dtype, device=mass.device).index_add(0, inv, mass))
-    if den is not None:
-        vals = vals - _log_or_zero(den)[ukey // out.shape[1]]
+    sums = torch.zeros(len(ukey), dtype=mass.dtype, device=mass.device).index_add(0, inv, mass)
+    vals = reference.safe_log(sums)
+    if den is not None:  # outputs without mass stay -inf constants (no gradient through den)
+        vals = torch.where(sums > 0, vals - _log_or_zero(den)[ukey // out.shape[1]], vals)
     return out.view(-1).index_put_((ukey,), vals.to(out.dtype)).view(out.shape)
 
 
@@ -662,9 +666,10 @@ def _pack_sparse(key: torch.Tensor, mass: torch.Tensor, den: torch.Tensor | None
     if width == 0:
         return TopK(ids[:, :0], vals[:, :0])
     if ukey.numel():
-        logm = reference.safe_log(torch.zeros(len(ukey), dtype=mass.dtype, device=device).index_add(0, inv, mass))
-        if den is not None:
-            logm = logm - _log_or_zero(den)[row]
+        sums = torch.zeros(len(ukey), dtype=mass.dtype, device=device).index_add(0, inv, mass)
+        logm = reference.safe_log(sums)
+        if den is not None:  # outputs without mass stay -inf constants (no gradient through den)
+            logm = torch.where(sums > 0, logm - _log_or_zero(den)[row], logm)
         pos = torch.arange(len(ukey), device=device) - torch.searchsorted(row, torch.arange(n_rows, device=device))[row]
         ids = ids.index_put((row, pos), col)
         vals = vals.index_put((row, pos), logm.to(out_dtype))
@@ -791,9 +796,11 @@ def _child_ranges(trie: _Tables, nodes: torch.Tensor, scratch_column: int, compi
 
 
 def _log_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num - den in log space, -inf where the denominator has no mass (never NaN)."""
-    ok = den > float("-inf")
-    return torch.where(ok, num - torch.where(ok, den, torch.zeros_like(den)), torch.full_like(num, float("-inf")))
+    """num - den in log space, -inf where either has no mass (never NaN); like the kernels' backward,
+    a -inf result carries no gradient (not even through the denominator)."""
+    ok = (den > float("-inf")) & (num > float("-inf"))
+    zero = torch.zeros((), dtype=num.dtype, device=num.device)
+    return torch.where(ok, torch.where(ok, num, zero) - torch.where(ok, den, zero), torch.full_like(num, float("-inf")))
 
 
 def _conditional(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows, nodes, node_name: str,
