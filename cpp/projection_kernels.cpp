@@ -826,20 +826,22 @@ struct QueriesByRow {
   std::vector<std::int64_t> start, ids, active_rows;
 };
 
-QueriesByRow group_queries(const Logits& x, const RangeQueries& q) {
+// rows: [n_queries] row of each query, or nullptr (query q reads row q).
+QueriesByRow group_queries(std::int64_t n_rows, const std::int64_t* rows, std::int64_t n_queries) {
   QueriesByRow g;
-  const std::int64_t n = x.n_rows;
-  g.start.assign(n + 1, 0);
-  for (std::int64_t i = 0; i < q.n_queries; ++i) ++g.start[(q.rows ? q.rows[i] : i) + 1];
-  for (std::int64_t r = 0; r < n; ++r) g.start[r + 1] += g.start[r];
-  g.ids.resize(q.n_queries);
+  g.start.assign(n_rows + 1, 0);
+  for (std::int64_t i = 0; i < n_queries; ++i) ++g.start[(rows ? rows[i] : i) + 1];
+  for (std::int64_t r = 0; r < n_rows; ++r) g.start[r + 1] += g.start[r];
+  g.ids.resize(n_queries);
   std::vector<std::int64_t> fill(g.start.begin(), g.start.end() - 1);
-  for (std::int64_t i = 0; i < q.n_queries; ++i) g.ids[fill[q.rows ? q.rows[i] : i]++] = i;
-  for (std::int64_t r = 0; r < n; ++r) {
+  for (std::int64_t i = 0; i < n_queries; ++i) g.ids[fill[rows ? rows[i] : i]++] = i;
+  for (std::int64_t r = 0; r < n_rows; ++r) {
     if (g.start[r + 1] > g.start[r]) g.active_rows.push_back(r);
   }
   return g;
 }
+
+QueriesByRow group_queries(const Logits& x, const RangeQueries& q) { return group_queries(x.n_rows, q.rows, q.n_queries); }
 
 // S[0] = 0, S[i + 1] = S[i] + e[i], in double. The array is cut into 8 segments summed as 8
 // independent chains (one running sum is latency-bound; 8 keep the adder busy), then each segment
@@ -1375,10 +1377,7 @@ void trie_forward(const Logits& x, const TrieQueries& q, Out* out, Out* lse, int
   const RowKernels<C> k = row_kernels<C>(x.type);
   const std::int64_t v = x.vocab_size, width = q.width;
   const C scale = static_cast<C>(1.0 / x.temperature);
-  RangeQueries by_row;
-  by_row.rows = q.rows;
-  by_row.n_queries = q.n_queries;
-  const QueriesByRow byrow = group_queries(x, by_row);
+  const QueriesByRow byrow = group_queries(x.n_rows, q.rows, q.n_queries);
   for (std::int64_t r = 0; r < x.n_rows; ++r) lse[r] = 0;
   const std::int64_t n_active = static_cast<std::int64_t>(byrow.active_rows.size());
   const int threads = thread_count(n_threads, n_active * v + q.n_queries * width);
@@ -1434,10 +1433,7 @@ void trie_backward(const Logits& x, const TrieQueries& q, const Out* grad_out, O
   const std::int64_t v = x.vocab_size, width = q.width;
   const double scale_d = 1.0 / x.temperature;
   const C scale = static_cast<C>(scale_d);
-  RangeQueries by_row;
-  by_row.rows = q.rows;
-  by_row.n_queries = q.n_queries;
-  const QueriesByRow byrow = group_queries(x, by_row);
+  const QueriesByRow byrow = group_queries(x.n_rows, q.rows, q.n_queries);
   const int threads = thread_count(n_threads, x.n_rows * v + q.n_queries * width);
   std::vector<RangeScratch<C>> scratch(threads);
 
@@ -1638,6 +1634,22 @@ void topk_grouped_impl(const TopKRows& x, const std::int32_t* group, std::int32_
   });
 }
 
+// Sparse output padding: slots [used, width) get the smallest ids not among row_ids[0, used)
+// (sorted), so a row's ids stay distinct, with -inf values.
+template <class Out>
+void pad_unused_ids(std::int64_t* row_ids, Out* row_out, std::int64_t used, std::int64_t width) {
+  std::int64_t next = 0, taken = 0;
+  for (std::int64_t slot = used; slot < width; ++slot) {
+    while (taken < used && row_ids[taken] < next) ++taken;
+    while (taken < used && row_ids[taken] == next) {
+      ++next;
+      ++taken;
+    }
+    row_ids[slot] = next++;
+    row_out[slot] = static_cast<Out>(-kInf);
+  }
+}
+
 template <class T, class Out>
 void topk_grouped_sparse_impl(const TopKRows& x, const std::int32_t* group, std::int32_t n_groups, std::int64_t* ids,
                               Out* out, int n_threads) {
@@ -1673,17 +1685,7 @@ void topk_grouped_sparse_impl(const TopKRows& x, const std::int32_t* group, std:
     kern.log_n(sc.mass.data(), used, sc.mass.data());  // log 0 = -inf
     Out* row_out = out + r * width;
     std::copy(sc.mass.begin(), sc.mass.end(), row_out);
-    // Padding: the smallest ids not among the row's groups (row_ids[0, used) is sorted).
-    std::int64_t next = 0, taken = 0;
-    for (std::int64_t slot = used; slot < width; ++slot) {
-      while (taken < used && row_ids[taken] < next) ++taken;
-      while (taken < used && row_ids[taken] == next) {
-        ++next;
-        ++taken;
-      }
-      row_ids[slot] = next++;
-      row_out[slot] = static_cast<Out>(-kInf);
-    }
+    pad_unused_ids(row_ids, row_out, used, width);
   });
 }
 
@@ -1706,16 +1708,7 @@ void emit_sparse_row(std::vector<std::pair<std::int64_t, double>>& items, double
     row_out[used] = static_cast<Out>(m > 0 && den > 0 ? std::log(m) - log_den : -kInf);
     ++used;
   }
-  std::int64_t next = 0, taken = 0;
-  for (std::int64_t slot = used; slot < width; ++slot) {
-    while (taken < used && row_ids[taken] < next) ++taken;
-    while (taken < used && row_ids[taken] == next) {
-      ++next;
-      ++taken;
-    }
-    row_ids[slot] = next++;
-    row_out[slot] = static_cast<Out>(-kInf);
-  }
+  pad_unused_ids(row_ids, row_out, used, width);
 }
 
 // Sparse rows, trie-node conditionals with sparse output (the torch path in ops.py,
@@ -1729,12 +1722,7 @@ void topk_trie_sparse_impl(const TopKRows& x, const std::int32_t* rank, const st
   const std::int64_t width = std::min<std::int64_t>(x.k, q.width);
   const std::int64_t n_sym = q.drop_end ? q.width : q.width - 1;
   const TrieNodes& t = q.trie;
-  Logits shape;
-  shape.n_rows = x.n_rows;
-  RangeQueries by_row;
-  by_row.rows = q.rows;
-  by_row.n_queries = q.n_queries;
-  const QueriesByRow byrow = group_queries(shape, by_row);
+  const QueriesByRow byrow = group_queries(x.n_rows, q.rows, q.n_queries);
   const std::int64_t n_active = static_cast<std::int64_t>(byrow.active_rows.size());
   const int threads = thread_count(n_threads, q.n_queries * x.k * 8);
   struct Scratch {

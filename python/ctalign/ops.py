@@ -202,15 +202,16 @@ class _TrieConditional(torch.autograd.Function):
         return grad.to(x.dtype), None, None, None, None, None, None, None, None
 
 
-class _TopKTrieSparse(torch.autograd.Function):
-    """Sparse rows to sparse trie conditionals on CPU: the compiled forward; the backward differentiates
-    the torch path (_topk_trie_conditional), which lists the same ids in the same order."""
+class _CompiledSparseOutput(torch.autograd.Function):
+    """Sparse rows to a sparse output on CPU (trie conditionals, cover): the compiled forward
+    ``kernel(indices, logprobs, *kernel_args) -> (ids, out)``; the backward differentiates the torch
+    path, which lists the same ids in the same order."""
 
     @staticmethod
-    def forward(ctx, logprobs, indices, torch_path, kernel_args):
+    def forward(ctx, logprobs, indices, kernel, torch_path, kernel_args):
         ctx.save_for_backward(logprobs, indices)
         ctx.torch_path = torch_path
-        ids, out = _cpu_backend.topk_trie_sparse(indices, logprobs, *kernel_args)
+        ids, out = kernel(indices, logprobs, *kernel_args)
         ctx.mark_non_differentiable(ids)
         return ids, out
 
@@ -222,19 +223,7 @@ class _TopKTrieSparse(torch.autograd.Function):
             lp = logprobs.detach().requires_grad_()
             out = ctx.torch_path(TopK(indices, lp)).logprobs
             (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
-        return grad, None, None, None
-
-
-class _TopKCoverSparse(_TopKTrieSparse):
-    """The same for cover_logmass's sparse output."""
-
-    @staticmethod
-    def forward(ctx, logprobs, indices, torch_path, kernel_args):
-        ctx.save_for_backward(logprobs, indices)
-        ctx.torch_path = torch_path
-        ids, out = _cpu_backend.topk_cover_sparse(indices, logprobs, *kernel_args)
-        ctx.mark_non_differentiable(ids)
-        return ids, out
+        return grad, None, None, None, None
 
 
 class _TopKGrouped(torch.autograd.Function):
@@ -699,7 +688,8 @@ def _topk_trie_conditional(op: str, topk: "TopK", n_tokens: int, what: str, trie
                                           sparse=True, compiled=False)
 
         args = (n_tokens, rank32, tab["group"], tab["order"], trie.nodes_np, rows, nodes, width, drop_end, temperature)
-        ids, out = _compiled_call(op, _TopKTrieSparse.apply, lp, idx, torch_path, args)
+        ids, out = _compiled_call(op, _CompiledSparseOutput.apply, lp, idx, _cpu_backend.topk_trie_sparse, torch_path,
+                                  args)
         return TopK(ids, out)
     idx, lp, _ = _topk_rows(op, topk, n_tokens, what, deep=True)
     p, out_dtype = reference._topk_probs(lp, temperature)
@@ -744,7 +734,8 @@ def _topk_cover(op: str, topk: "TopK", maps: _Tables, byte_trie: _Tables, temper
             return _topk_cover(op, t, maps, byte_trie, temperature, sparse=True, compiled=False)
 
         args = (maps.n_teacher, rank32, m, lists[:m + 1], lists[m + 1:], maps.n_student, temperature)
-        ids, out = _compiled_call(op, _TopKCoverSparse.apply, lp, idx, torch_path, args)
+        ids, out = _compiled_call(op, _CompiledSparseOutput.apply, lp, idx, _cpu_backend.topk_cover_sparse, torch_path,
+                                  args)
         return TopK(ids, out)
     idx, lp, _ = _topk_rows(op, topk, maps.n_teacher, what, deep=True)
     p, out_dtype = reference._topk_probs(lp, temperature)
