@@ -376,6 +376,61 @@ py::array trie_backward(LogitsArg& x, TrieArgs& t, const py::handle& grad_obj, i
   return grad;
 }
 
+// Optional row selection of topk_logprobs: None (every row, in order) or int64 [n_out].
+struct OutputRows {
+  py::array_t<std::int64_t, py::array::c_style | py::array::forcecast> array;
+  const std::int64_t* data = nullptr;
+  std::int64_t n_out = 0;
+};
+
+OutputRows output_rows(const kernels::Logits& x, const py::handle& rows) {
+  OutputRows r;
+  if (rows.is_none()) {
+    r.n_out = x.n_rows;
+  } else {
+    r.array = array_arg<std::int64_t>(rows, "rows", 1);
+    r.data = r.array.data();
+    r.n_out = r.array.shape(0);
+  }
+  return r;
+}
+
+template <class Out>
+py::tuple topk_forward(LogitsArg& x, const py::handle& rows_obj, std::int64_t k, int n_threads) {
+  if (k < 1 || k > x.view.vocab_size) {
+    throw py::value_error("k must be in [1, " + std::to_string(x.view.vocab_size) + "] (the vocabulary size), got " +
+                          std::to_string(k));
+  }
+  const OutputRows rows = output_rows(x.view, rows_obj);
+  py::array_t<std::int64_t> ids({static_cast<py::ssize_t>(rows.n_out), static_cast<py::ssize_t>(k)});
+  py::array_t<Out> out({static_cast<py::ssize_t>(rows.n_out), static_cast<py::ssize_t>(k)});
+  py::array_t<Out> lse(static_cast<py::ssize_t>(rows.n_out));
+  {
+    py::gil_scoped_release release;
+    kernels::topk_logprobs<Out>(x.view, rows.data, rows.n_out, k, ids.mutable_data(), out.mutable_data(),
+                                lse.mutable_data(), n_threads);
+  }
+  return py::make_tuple(ids, out, lse);
+}
+
+template <class Out>
+py::array topk_backward(LogitsArg& x, const py::handle& rows_obj, const py::handle& ids_obj, const py::handle& lse_obj,
+                        const py::handle& grad_obj, int n_threads) {
+  const OutputRows rows = output_rows(x.view, rows_obj);
+  auto ids = array_arg<std::int64_t>(ids_obj, "ids", 2);
+  const std::int64_t k = ids.shape(1);
+  if (ids.shape(0) != rows.n_out) throw py::value_error("ids: expected one row per output row");
+  auto lse = vec_arg<Out>(lse_obj, "lse", rows.n_out);
+  auto grad_out = out_arg<Out>(grad_obj, "grad_out", rows.n_out, k);
+  py::array_t<Out> grad = new_output<Out>(x.view.n_rows, x.width);
+  {
+    py::gil_scoped_release release;
+    kernels::topk_logprobs_backward<Out>(x.view, rows.data, rows.n_out, k, ids.data(), lse.data(), grad_out.data(),
+                                         grad.mutable_data(), x.width, n_threads);
+  }
+  return grad;
+}
+
 void bind_projection_kernels(py::module_& m) {
   m.def(
       "grouped_logmass",
@@ -388,6 +443,29 @@ void bind_projection_kernels(py::module_& m) {
       py::arg("logits"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("group"), py::arg("n_groups"),
       py::arg("temperature"), py::arg("n_threads"),
       "(out [N, G], lse [N]): log mass of each token group per row, softmax fused (float32; float64 for f64).");
+  m.def(
+      "topk_logprobs",
+      [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& rows,
+         std::int64_t k, double temperature, int n_threads) {
+        LogitsArg x = logits_arg(logits, elem_type, vocab_size, temperature);
+        return x.view.type == ElemType::f64 ? topk_forward<double>(x, rows, k, n_threads)
+                                            : topk_forward<float>(x, rows, k, n_threads);
+      },
+      py::arg("logits"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("rows"), py::arg("k"),
+      py::arg("temperature"), py::arg("n_threads"),
+      "(ids int64 [Q, k], logprobs [Q, k], lse [Q]): the k largest columns of rows[q] (every row when rows is None; "
+      "ties: smaller id first), in decreasing order, with their log-probabilities (softmax fused).");
+  m.def(
+      "topk_logprobs_backward",
+      [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& rows,
+         const py::handle& ids, double temperature, const py::handle& lse, const py::handle& grad_out, int n_threads) {
+        LogitsArg x = logits_arg(logits, elem_type, vocab_size, temperature);
+        return x.view.type == ElemType::f64 ? topk_backward<double>(x, rows, ids, lse, grad_out, n_threads)
+                                            : topk_backward<float>(x, rows, ids, lse, grad_out, n_threads);
+      },
+      py::arg("logits"), py::arg("elem_type"), py::arg("vocab_size"), py::arg("rows"), py::arg("ids"),
+      py::arg("temperature"), py::arg("lse"), py::arg("grad_out"), py::arg("n_threads"),
+      "grad_logits [N, W] of topk_logprobs (zero in padding columns and in rows no output reads).");
   m.def(
       "grouped_logmass_backward",
       [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& group,

@@ -75,6 +75,8 @@ struct RowKernels {
   // y[i] = exp(v[i]) and y[i] = log(v[i]) (in place allowed): the sparse rows' element math.
   void (*exp_n)(const C* v, std::int64_t n, C* y);
   void (*log_n)(const C* v, std::int64_t n, C* y);
+  // The first i < n with x[i] > threshold (unscaled), else n: the top-k scan.
+  std::int64_t (*first_above)(const void* x, std::int64_t n, C threshold);
 };
 
 // Eight rows at once (SIMD float paths only). acc is [G][8] doubles, 64-byte aligned: one cache
@@ -171,9 +173,18 @@ void log_n_scalar(const C* v, std::int64_t n, C* y) {
 }
 
 template <class T, class C>
+std::int64_t first_above_scalar(const void* xv, std::int64_t n, C threshold) {
+  const T* x = static_cast<const T*>(xv);
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (to_c(x[i], C()) > threshold) return i;
+  }
+  return n;
+}
+
+template <class T, class C>
 RowKernels<C> scalar_table() {
   return {stats_scalar<T, C>, exp_store_scalar<T, C>, exp_scatter_scalar<T, C>, grouped_grad_scalar<T, C>,
-          exp_n_scalar<C>, log_n_scalar<C>};
+          exp_n_scalar<C>, log_n_scalar<C>, first_above_scalar<T, C>};
 }
 
 // acc[g[i] * K + (i % K)] += v[i], unrolled by 8 so the copy index is a constant displacement.
@@ -431,8 +442,22 @@ CTALIGN_TARGET_AVX2 void block8_grad_avx2(const void* const* rows, std::int64_t 
 }
 
 template <class T>
+CTALIGN_TARGET_AVX2 std::int64_t first_above_avx2(const void* xv, std::int64_t n, float threshold) {
+  const T* x = static_cast<const T*>(xv);
+  const __m256 t = _mm256_set1_ps(threshold);
+  std::int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const int lo = _mm256_movemask_ps(_mm256_cmp_ps(simd::load8(x + i), t, _CMP_GT_OQ));
+    const int hi = _mm256_movemask_ps(_mm256_cmp_ps(simd::load8(x + i + 8), t, _CMP_GT_OQ));
+    if (lo | hi) return i + __builtin_ctz(static_cast<unsigned>(lo | (hi << 8)));
+  }
+  return i + first_above_scalar<T, float>(x + i, n - i, threshold);
+}
+
+template <class T>
 RowKernels<float> avx2_table() {
-  return {stats_avx2<T>, exp_store_avx2<T>, exp_scatter_avx2<T>, grouped_grad_avx2<T>, exp_n_avx2, log_n_avx2};
+  return {stats_avx2<T>, exp_store_avx2<T>, exp_scatter_avx2<T>, grouped_grad_avx2<T>, exp_n_avx2, log_n_avx2,
+          first_above_avx2<T>};
 }
 
 // ---- AVX-512 primitives ---------------------------------------------------------------------
@@ -612,9 +637,22 @@ CTALIGN_TARGET_AVX512 void exp_n_avx512(const float* v, std::int64_t n, float* y
 }
 
 template <class T>
+CTALIGN_TARGET_AVX512 std::int64_t first_above_avx512(const void* xv, std::int64_t n, float threshold) {
+  const T* x = static_cast<const T*>(xv);
+  const __m512 t = _mm512_set1_ps(threshold);
+  std::int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const unsigned lo = _mm512_cmp_ps_mask(simd::load16(x + i), t, _CMP_GT_OQ);
+    const unsigned hi = _mm512_cmp_ps_mask(simd::load16(x + i + 16), t, _CMP_GT_OQ);
+    if (lo | hi) return i + __builtin_ctz(lo | (hi << 16));
+  }
+  return i + first_above_scalar<T, float>(x + i, n - i, threshold);
+}
+
+template <class T>
 RowKernels<float> avx512_table() {
   return {stats_avx512<T>, exp_store_avx512<T>, exp_scatter_avx512<T>, grouped_grad_avx512<T>, exp_n_avx512,
-          log_n_avx2};
+          log_n_avx2, first_above_avx512<T>};
 }
 #endif  // CTALIGN_X86
 
@@ -1846,6 +1884,157 @@ void dispatch_sparse(ElemType type, Fn&& fn) {
 template <class Out>
 using Compute = std::conditional_t<std::is_same_v<Out, double>, double, float>;
 
+// ---- top-k of dense rows ----------------------------------------------------------------------
+// Candidates of one row as (value, id), ranked by value, then smaller id first.
+template <class C>
+struct Ranked {
+  C value;
+  std::int64_t id;
+  bool operator<(const Ranked& o) const { return value > o.value || (value == o.value && id < o.id); }
+};
+
+template <class T, class C, class Out>
+void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int64_t slot, std::int64_t top, C scale,
+              std::vector<Ranked<C>>& cand, std::vector<C>& scratch, std::int64_t* ids, Out* out, Out* lse) {
+  const std::int64_t v = x.vocab_size;
+  const T* row = reinterpret_cast<const T*>(row_ptr(x, r));
+  const std::size_t cap = static_cast<std::size_t>(std::max<std::int64_t>(2 * top, 128));
+  cand.clear();
+  bool have_kth = false;  // kth: the top-th value among the columns seen (once `cand` was cut to top)
+  C kth = -std::numeric_limits<C>::infinity();
+  auto cut = [&] {
+    std::nth_element(cand.begin(), cand.begin() + (top - 1), cand.end());
+    cand.resize(static_cast<std::size_t>(top));
+    kth = cand[static_cast<std::size_t>(top - 1)].value;  // those before it rank higher: values >= kth
+    have_kth = true;
+  };
+  double shift = -kInf, z = 0;
+  bool bad = false;
+  for (std::int64_t c0 = 0; c0 < v; c0 += kChunk) {
+    const std::int64_t n = std::min(kChunk, v - c0);
+    if (c0 + n < v) {  // the next chunk streams in from DRAM while this one is in L1
+      const char* next = reinterpret_cast<const char*>(row + c0 + n);
+      const std::int64_t bytes = std::min(kChunk, v - c0 - n) * static_cast<std::int64_t>(sizeof(T));
+      for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
+    }
+    RowStats<C> st;
+    k.stats(row + c0, n, C(1), &st);
+    if (st.nan || st.max * scale == std::numeric_limits<C>::infinity()) {  // -inf columns are fine: no mass
+      bad = true;
+      break;
+    }
+    const C raw_max = st.max;
+    if (!have_kth || raw_max > kth) {  // ids grow along the row: a later tie with kth ranks below it
+      for (std::int64_t i = c0, end = c0 + n; i < end; ++i) {
+        if (have_kth) {
+          i += k.first_above(row + i, end - i, kth);
+          if (i == end) break;
+        }
+        cand.push_back({to_c(row[i], C()), i});
+        if (cand.size() >= cap) cut();
+      }
+    }
+    const double chunk_max = static_cast<double>(raw_max * scale);
+    if (chunk_max > shift + kSlack) {
+      const double next = static_cast<double>(static_cast<C>(chunk_max + kLead));
+      if (shift > -kInf) z *= std::exp(shift - next);
+      shift = next;
+    }
+    if (shift > -kInf) z += k.exp_store(row + c0, n, scale, static_cast<C>(shift), scratch.data());  // else all -inf
+  }
+  std::int64_t* id = ids + slot * top;
+  Out* o = out + slot * top;
+  if (bad || !(z > 0) || !std::isfinite(z)) {
+    for (std::int64_t j = 0; j < top; ++j) {
+      id[j] = j;
+      o[j] = static_cast<Out>(kNaN);
+    }
+    lse[slot] = static_cast<Out>(kNaN);
+    return;
+  }
+  if (cand.size() > static_cast<std::size_t>(top)) cut();
+  std::sort(cand.begin(), cand.end());
+  const double log_norm = shift + std::log(z) - kBias<C> * kLn2;
+  for (std::int64_t j = 0; j < top; ++j) {
+    id[j] = cand[static_cast<std::size_t>(j)].id;
+    o[j] = static_cast<Out>(static_cast<double>(cand[static_cast<std::size_t>(j)].value) * static_cast<double>(scale) -
+                            log_norm);
+  }
+  lse[slot] = static_cast<Out>(log_norm);
+}
+
+template <class C, class Out>
+void topk_forward(const Logits& x, const std::int64_t* rows, std::int64_t n_out, std::int64_t top, std::int64_t* ids,
+                  Out* out, Out* lse, int n_threads) {
+  const RowKernels<C> k = row_kernels<C>(x.type);
+  const C scale = static_cast<C>(1.0 / x.temperature);
+  const std::int64_t rows_per_item = std::max<std::int64_t>(1, kRowsWork / x.vocab_size);
+  const std::int64_t n_items = (n_out + rows_per_item - 1) / rows_per_item;
+  const int threads = thread_count(n_threads, n_out * x.vocab_size);
+  std::vector<std::vector<Ranked<C>>> cand_of(threads);
+  std::vector<std::vector<C>> scratch_of(threads, std::vector<C>(kChunk));
+  parallel_for(n_items, threads, [&](std::int64_t item, int tid) {
+    const std::int64_t i_end = std::min(n_out, (item + 1) * rows_per_item);
+    for (std::int64_t i = item * rows_per_item; i < i_end; ++i) {
+      const std::int64_t r = rows ? rows[i] : i;
+      if constexpr (std::is_same_v<C, double>) {
+        topk_row<double, C, Out>(k, x, r, i, top, scale, cand_of[tid], scratch_of[tid], ids, out, lse);
+      } else if (x.type == ElemType::bf16) {
+        topk_row<bf16_t, C, Out>(k, x, r, i, top, scale, cand_of[tid], scratch_of[tid], ids, out, lse);
+      } else if (x.type == ElemType::f16) {
+        topk_row<f16_t, C, Out>(k, x, r, i, top, scale, cand_of[tid], scratch_of[tid], ids, out, lse);
+      } else {
+        topk_row<float, C, Out>(k, x, r, i, top, scale, cand_of[tid], scratch_of[tid], ids, out, lse);
+      }
+    }
+  });
+}
+
+// The softmax's gradient, one e^x per element: grouped_grad with every column in group 0, a = lse,
+// c = -(sum of the row's grad_out), then + grad_out / T at the kept ids. Per logits row, over all the
+// outputs that read it (rows may repeat); rows no output reads get zeros.
+template <class C, class Out>
+void topk_backward(const Logits& x, const std::int64_t* rows, std::int64_t n_out, std::int64_t top,
+                   const std::int64_t* ids, const Out* lse, const Out* grad_out, Out* grad, std::int64_t grad_width,
+                   int n_threads) {
+  const RowKernels<C> k = row_kernels<C>(x.type);
+  const C scale = static_cast<C>(1.0 / x.temperature);
+  const std::int64_t v = x.vocab_size;
+  const std::int64_t esize = static_cast<std::int64_t>(elem_size(x.type));
+  const QueriesByRow by_row = group_queries(x.n_rows, rows, n_out);
+  const std::vector<std::int32_t> group0(kChunk, 0);
+  const int threads = thread_count(n_threads, x.n_rows * v);
+  std::vector<std::vector<C>> dx_of(threads, std::vector<C>(kChunk));
+  parallel_for(x.n_rows, threads, [&](std::int64_t r, int tid) {
+    Out* o = grad + r * grad_width;
+    const std::int64_t q0 = by_row.start[r], q1 = by_row.start[r + 1];
+    if (q0 == q1) {
+      std::fill(o, o + grad_width, Out(0));
+      return;
+    }
+    double g_sum = 0;
+    for (std::int64_t q = q0; q < q1; ++q) {
+      const Out* g = grad_out + by_row.ids[q] * top;
+      for (std::int64_t j = 0; j < top; ++j) g_sum += static_cast<double>(g[j]);
+    }
+    const C a = static_cast<C>(lse[by_row.ids[q0]]), c = static_cast<C>(-g_sum);
+    const char* row = row_ptr(x, r);
+    C* dx = dx_of[tid].data();
+    for (std::int64_t c0 = 0; c0 < v; c0 += kChunk) {
+      const std::int64_t n = std::min(kChunk, v - c0);
+      k.grouped_grad(row + c0 * esize, n, scale, group0.data(), &a, &c, dx);
+      std::copy(dx, dx + n, o + c0);
+    }
+    std::fill(o + v, o + grad_width, Out(0));
+    for (std::int64_t q = q0; q < q1; ++q) {
+      const std::int64_t i = by_row.ids[q];
+      for (std::int64_t j = 0; j < top; ++j) {
+        o[ids[i * top + j]] += static_cast<Out>(scale * static_cast<C>(grad_out[i * top + j]));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // ---- public entry points --------------------------------------------------------------------
@@ -1903,6 +2092,59 @@ void topk_grouped_sparse(const TopKRows& x, const std::int32_t* group, std::int3
   dispatch_sparse<Out>(x.type,
                        [&](auto t) { topk_grouped_sparse_impl<decltype(t), Out>(x, group, n_groups, ids, out, n_threads); });
 }
+
+namespace {
+void check_topk_rows(const char* op, const Logits& x, const std::int64_t* rows, std::int64_t n_out, std::int64_t k) {
+  const std::string p = std::string(op) + ": ";
+  if (k < 1 || k > x.vocab_size) {
+    throw InputError(p + "k must be in [1, vocab_size = " + std::to_string(x.vocab_size) + "], got " + std::to_string(k));
+  }
+  if (rows == nullptr && n_out != x.n_rows) throw InputError(p + "without rows, one output per logits row");
+  for (std::int64_t i = 0; rows != nullptr && i < n_out; ++i) {
+    if (rows[i] < 0 || rows[i] >= x.n_rows) {
+      throw InputError(p + "rows[" + std::to_string(i) + "] = " + std::to_string(rows[i]) + " is outside [0, " +
+                       std::to_string(x.n_rows) + ")");
+    }
+  }
+}
+}  // namespace
+
+template <class Out>
+void topk_logprobs(const Logits& x, const std::int64_t* rows, std::int64_t n_out, std::int64_t k, std::int64_t* ids,
+                   Out* out, Out* lse, int n_threads) {
+  check_logits("topk_logprobs", x);
+  check_out_type<Out>("topk_logprobs", x.type);
+  check_topk_rows("topk_logprobs", x, rows, n_out, k);
+  topk_forward<Compute<Out>, Out>(x, rows, n_out, k, ids, out, lse, n_threads);
+}
+
+template <class Out>
+void topk_logprobs_backward(const Logits& x, const std::int64_t* rows, std::int64_t n_out, std::int64_t k,
+                            const std::int64_t* ids, const Out* lse, const Out* grad_out, Out* grad,
+                            std::int64_t grad_width, int n_threads) {
+  check_logits("topk_logprobs_backward", x);
+  check_out_type<Out>("topk_logprobs_backward", x.type);
+  check_topk_rows("topk_logprobs_backward", x, rows, n_out, k);
+  if (grad_width < x.vocab_size) throw InputError("topk_logprobs_backward: grad_width is smaller than vocab_size");
+  for (std::int64_t i = 0; i < n_out * k; ++i) {
+    if (ids[i] < 0 || ids[i] >= x.vocab_size) {
+      throw InputError("topk_logprobs_backward: output row " + std::to_string(i / k) + ": id " + std::to_string(ids[i]) +
+                       " is outside [0, vocab_size)");
+    }
+  }
+  topk_backward<Compute<Out>, Out>(x, rows, n_out, k, ids, lse, grad_out, grad, grad_width, n_threads);
+}
+
+template void topk_logprobs<float>(const Logits&, const std::int64_t*, std::int64_t, std::int64_t, std::int64_t*, float*,
+                                   float*, int);
+template void topk_logprobs<double>(const Logits&, const std::int64_t*, std::int64_t, std::int64_t, std::int64_t*,
+                                    double*, double*, int);
+template void topk_logprobs_backward<float>(const Logits&, const std::int64_t*, std::int64_t, std::int64_t,
+                                            const std::int64_t*, const float*, const float*, float*, std::int64_t,
+                                            int);
+template void topk_logprobs_backward<double>(const Logits&, const std::int64_t*, std::int64_t, std::int64_t,
+                                             const std::int64_t*, const double*, const double*, double*,
+                                             std::int64_t, int);
 
 template void topk_grouped_logmass<float>(const TopKRows&, const std::int32_t*, std::int32_t, float*, int);
 template void topk_grouped_logmass<double>(const TopKRows&, const std::int32_t*, std::int32_t, double*, int);

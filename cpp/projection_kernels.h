@@ -84,6 +84,31 @@ template <class Out>
 void range_logmass_backward(const Logits& x, const RangeQueries& q, const Out* out, const Out* lse,
                             const Out* grad_out, Out* grad, std::int64_t grad_width, int n_threads);
 
+// The k largest columns of logits rows with the softmax fused: the sparse rows below, made from dense
+// logits (e.g. a teacher's outputs before caching them). Output i reads row rows[i] (rows: [n_out],
+// repeats allowed), or row i when rows is nullptr (n_out = n_rows); other rows are not read.
+// ids[i, j]: the j-th largest x over [0, V) (ties: the smaller id first, so the result is
+// deterministic); out[i, j] = log p(ids[i, j]) = x / T - lse (computed in double); lse[i].
+// 1 <= k <= V, rows in range, else InputError. -inf columns are allowed (zero mass; kept at -inf when
+// a row has fewer than k finite ones); rows holding NaN or +inf (also after / T), or only -inf: lse
+// and outputs NaN, ids 0..k-1.
+// Cost per output: one read of its row; per 2048 columns (in L1) a max pass, e^x summed, and, when
+// the max beats the k-th value so far, a vector scan for the columns above it. Those go to a buffer
+// of max(2k, 128) candidates, cut back to k by nth_element when full; O(V + k log k) for rows in
+// random order (about k ln(V / k) candidates), O(V) with a larger constant when values rise along the
+// row. ids, out: [n_out, k].
+template <class Out>
+void topk_logprobs(const Logits& x, const std::int64_t* rows, std::int64_t n_out, std::int64_t k, std::int64_t* ids,
+                   Out* out, Out* lse, int n_threads);
+// Its gradient for every logits row: grad[r, c] = sum over outputs i reading r of (grad_out[i, j]
+// [c = ids[i, j]] - p_r(c) sum_j grad_out[i, j]) / T for c < V; 0 in [V, grad_width) and in rows no
+// output reads. ids and lse as topk_logprobs gave them (ids out of range throw). One e^x per element
+// of the rows read. grad: [n_rows, grad_width] contiguous.
+template <class Out>
+void topk_logprobs_backward(const Logits& x, const std::int64_t* rows, std::int64_t n_out, std::int64_t k,
+                            const std::int64_t* ids, const Out* lse, const Out* grad_out, Out* grad,
+                            std::int64_t grad_width, int n_threads);
+
 // Sparse rows: the k kept (token id, log-probability) entries of each row, used as given (the missing
 // tail is not renormalised). A temperature T reshapes the kept entries keeping their total mass:
 // lp_T = lp / T - logsumexp(lp / T) + logsumexp(lp). Entries with lp = -inf have no mass; NaN, +inf,

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - the package is unusable without its co
 
 __all__ = [
     "available", "full_output", "grouped_logmass", "grouped_logmass_backward", "range_logmass", "range_logmass_backward",
-    "topk_grouped_logmass", "topk_grouped_sparse", "topk_trie_sparse", "topk_cover_sparse", "trie_conditional_logprobs",
+    "topk_grouped_logmass", "topk_grouped_sparse", "topk_logprobs", "topk_logprobs_backward", "topk_trie_sparse", "topk_cover_sparse", "trie_conditional_logprobs",
     "trie_conditional_logprobs_backward", "num_threads", "set_num_threads", "kernel_isa", "set_kernel_isa",
 ]
 
@@ -117,6 +117,26 @@ def range_logmass_backward(logits, vocab_size, order, rows, lo, hi, temperature,
                                         _np(rows, torch.int64), _np(lo, torch.int32), _np(hi, torch.int32),
                                         float(temperature), _np(out, dt), _np(lse, dt), _np(grad_out, dt),
                                         num_threads())
+    return torch.from_numpy(grad)
+
+
+def topk_logprobs(logits, vocab_size, rows, k, temperature):
+    """(ids int64 [Q, k], logprobs [Q, k], lse [Q]): the k largest columns of [0, vocab_size) of each
+    row in ``rows`` (all rows when None) in decreasing order (ties: smaller id first) and their
+    log-probabilities at ``temperature``; rows with NaN, +inf or only -inf come back with lse NaN."""
+    x, elem_type = _logits_view(logits)
+    ids, out, lse = _core.topk_logprobs(x, elem_type, int(vocab_size), _np(rows, torch.int64), int(k),
+                                        float(temperature), num_threads())
+    return torch.from_numpy(ids), torch.from_numpy(out), torch.from_numpy(lse)
+
+
+def topk_logprobs_backward(logits, vocab_size, rows, ids, temperature, lse, grad_out):
+    """grad_logits [N, W] of topk_logprobs: (grad_out at the ids - softmax * its row sum) / T per output,
+    summed per logits row; 0 in padding columns and in rows no output reads."""
+    x, elem_type = _logits_view(logits)
+    dt = _out_dtype(logits)
+    grad = _core.topk_logprobs_backward(x, elem_type, int(vocab_size), _np(rows, torch.int64), _np(ids, torch.int64),
+                                        float(temperature), _np(lse, dt), _np(grad_out, dt), num_threads())
     return torch.from_numpy(grad)
 
 

@@ -59,7 +59,7 @@ from ctalign.errors import MapMismatchError
 
 __all__ = [
     "TopK", "next_byte_logprobs", "byte_conditional_logprobs", "project_to_student",
-    "project_to_student_within", "cover_logmass", "last_backend", "force_backend", "check_finite",
+    "project_to_student_within", "cover_logmass", "topk_logprobs", "last_backend", "force_backend", "check_finite",
 ]
 
 #: Check logits for NaN/inf on CUDA too (one host synchronisation per call); CPU checks are free.
@@ -269,6 +269,27 @@ class _TopKGroupedSparse(torch.autograd.Function):
             _, out = reference.topk_grouped_sparse(indices, lp, group, n_groups, temperature)
             (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
         return grad, None, None, None, None, None
+
+
+class _TopKLogprobs(torch.autograd.Function):
+    """Compiled top-k of dense CPU rows; the backward is the softmax's: d lp_j / d x_i = (1[i = j] - p_i) / T."""
+
+    @staticmethod
+    def forward(ctx, x, vocab_size, rows, k, temperature):
+        ids, lp, lse = _cpu_backend.topk_logprobs(x, vocab_size, rows, k, temperature)
+        ctx.save_for_backward(x, ids, lse)
+        ctx.args = (vocab_size, rows, temperature)
+        ctx.mark_non_differentiable(ids, lse)
+        return ids, lp, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, _grad_ids, grad_lp, _grad_lse):
+        x, ids, lse = ctx.saved_tensors
+        vocab_size, rows, temperature = ctx.args
+        grad = _cpu_backend.topk_logprobs_backward(x, vocab_size, rows, ids, temperature, lse,
+                                                   grad_lp.to(lse.dtype).contiguous())
+        return grad.to(x.dtype), None, None, None, None
 
 
 def _compiled_topk(idx: torch.Tensor) -> bool:
@@ -834,6 +855,64 @@ def _conditional(op: str, logits, n_tokens: int, what: str, trie: _Tables, rows,
 
 
 # ---- public ops ----------------------------------------------------------------------------------
+def topk_logprobs(logits, k: int, *, rows=None, vocab_size: int | None = None, temperature: float = 1.0) -> TopK:
+    """The ``k`` most likely tokens of each row and their log-probabilities, as ``TopK`` rows
+    ``[..., k]`` (the sparse format every op accepts; e.g. to cache a teacher's outputs), in
+    decreasing order, ties broken by the smaller id: ``logprobs = log_softmax(logits / T)`` at
+    ``indices``, over the first ``vocab_size`` columns (default: all; padding columns are ignored).
+
+    ``rows``: optional 1-d ids of rows of the logits flattened to ``[N, W]``: the result is then
+    ``[len(rows), k]`` and no other row is read or copied (e.g. the target positions of a batch).
+
+    On CPU one compiled pass per row (softmax fused, no ``[N, V]`` intermediate); elsewhere pure
+    torch. Differentiable in ``logits``. ``-inf`` logits are allowed (zero mass); NaN, ``+inf``, a
+    row of only ``-inf`` or a width below ``vocab_size`` raise ``ValueError``."""
+    global _last_backend
+    op = "topk_logprobs"
+    t = _check_temperature(op, temperature)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() < 1:
+        raise ValueError(f"{op}: logits must have a last (vocabulary) dimension, got a scalar")
+    if vocab_size is None:
+        n_tokens = int(logits.shape[-1])
+    elif isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
+        raise ValueError(f"{op}: vocab_size must be a positive int or None, got {vocab_size!r}")
+    else:
+        n_tokens = int(vocab_size)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{op}: k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= n_tokens:
+        raise ValueError(f"{op}: k = {k} is outside [1, {n_tokens}] (the vocabulary size)")
+    k = int(k)
+    x, lead = _dense_rows(op, logits, n_tokens, "vocab_size")
+    if rows is not None:
+        rows = _index_arg(op, "rows", rows, x.shape[0], x.device, "rows of the flattened logits")
+        lead = (rows.shape[0],)
+    n_out = x.shape[0] if rows is None else rows.shape[0]
+    if n_out == 0:
+        empty = torch.empty(0, k, dtype=torch.int64, device=x.device)
+        return TopK(empty.reshape(*lead, k), empty.to(reference._compute_dtype(x.dtype)).reshape(*lead, k))
+    _, name = _backend_for(x)
+    if name == "cpu":
+        ids, lp, lse = _TopKLogprobs.apply(x, n_tokens, rows, k, t)
+    else:
+        used = x[:, :n_tokens] if rows is None else x.index_select(0, rows)[:, :n_tokens]
+        _raise_topk_nonfinite(op, torch.isnan(used).any(-1) | (used == float("inf")).any(-1), rows)
+        ids, lp, lse = reference.topk_logprobs(x, n_tokens, rows, k, t)
+        name = "reference"
+    _raise_topk_nonfinite(op, ~torch.isfinite(lse), rows)
+    _last_backend = name
+    return TopK(ids.reshape(*lead, k), lp.reshape(*lead, k))
+
+
+def _raise_topk_nonfinite(op: str, bad_outputs: torch.Tensor, rows: torch.Tensor | None) -> None:
+    if bool(bad_outputs.any()):
+        i = int(bad_outputs.nonzero()[0])
+        r = i if rows is None else int(rows[i])
+        raise ValueError(f"{op}: logits row {r} holds NaN or +inf, only -inf, or overflows at this temperature")
+
+
 def next_byte_logprobs(logits, vocab, *, temperature: float = 1.0) -> torch.Tensor:
     """Next byte at a teacher token boundary: ``[..., 257]``, column b < 256 the log mass of the
     tokens whose bytes start with b, column 256 (``end``) the special tokens'.

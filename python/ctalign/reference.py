@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "available", "grouped_logmass", "range_logmass", "topk_grouped_logmass", "topk_grouped_sparse",
-    "topk_range_logmass",
+    "topk_range_logmass", "topk_logprobs",
     "safe_log", "tempered_logprobs", "DIRECT_SUM_BELOW",
 ]
 
@@ -118,6 +118,27 @@ def range_logmass(logits: torch.Tensor, vocab_size: int, order: torch.Tensor, ro
     hi = hi.to(device, torch.int64).expand(n_queries, -1)
     mass = _range_sums(in_order, row_of_query, lo, hi)
     return safe_log(mass).to(out_dtype), lse.to(out_dtype)
+
+
+def topk_logprobs(logits: torch.Tensor, vocab_size: int, rows: torch.Tensor | None, k: int, temperature: float = 1.0,
+                  *, accumulate: torch.dtype = torch.float64):
+    """``(ids [Q, k], logprobs [Q, k], lse [Q])``: the k largest of ``x_r[:vocab_size]`` for each row r
+    of ``rows`` (all rows when None) in decreasing order, ties broken by the smaller id (the compiled
+    kernel's rule, so both give the same ids), and ``log softmax(x_r / T)`` there. Differentiable in
+    ``logits`` through torch."""
+    if rows is not None:
+        logits = logits.index_select(0, rows.to(logits.device))
+    x = logits[:, :vocab_size].to(_compute_dtype(logits.dtype))  # exact for every input dtype
+    kth = torch.topk(x, k, dim=-1).values[:, -1:]
+    above = x > kth
+    tie = x == kth
+    take = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    ids = take.nonzero()[:, 1].reshape(x.shape[0], k)  # exactly k per row, in increasing id order
+    ids = ids.gather(1, torch.sort(x.gather(1, ids), dim=-1, descending=True, stable=True).indices)
+    s = _scaled(logits, vocab_size, temperature, accumulate)
+    lse = torch.logsumexp(s, dim=-1)
+    out_dtype = _compute_dtype(logits.dtype)
+    return ids, (s.gather(1, ids) - lse[:, None]).to(out_dtype), lse.to(out_dtype)
 
 
 def tempered_logprobs(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
