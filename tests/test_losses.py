@@ -261,6 +261,48 @@ def test_uld_matches_bruteforce_and_topk_covering_is_exact():
     assert L.uld_loss(s, t, b["student_input_ids"], top_k=8, **kw).item() <= got.item() + 1e-6
 
 
+def test_uld_top_k_equals_its_definition_with_gradients():
+    """top_k: the k largest probabilities of each side sorted, L1, plus |tail_s - tail_t| (by definition,
+    torch.topk over softmaxes in float64), value and gradient, a real pair of different families."""
+    amap = get_map("mistral-v1", "botchan-bpe")
+    b = batch("mistral-v1", "botchan-bpe")
+    Vt, Vs = amap.n_teacher, amap.n_student
+    t = logits_for(b, "teacher", Vt, 11)
+    s = logits_for(b, "student", Vs + 2, 12, grad=True)
+    sm, tm = b["student_loss_mask"].clone(), b["teacher_loss_mask"].clone()
+    sm[:, 0] = False
+    tm[:, 0] = False
+    k, T = 24, 1.3
+    total, n_pairs = 0.0, 0
+    s64 = s.detach().double().requires_grad_()
+    for r in range(sm.shape[0]):
+        for j, kk in zip(torch.nonzero(sm[r]).flatten().tolist(), torch.nonzero(tm[r]).flatten().tolist()):
+            ps = torch.softmax(s64[r, j - 1, :Vs] / T, -1).topk(k).values
+            pt = torch.softmax(t[r, kk - 1, :Vt].double() / T, -1).topk(k).values
+            total = total + (ps - pt).abs().sum() + ((1 - ps.sum()) - (1 - pt.sum())).abs()
+            n_pairs += 1
+    want = total / n_pairs
+    want.backward()
+    got = L.uld_loss(s, t, b["student_input_ids"], top_k=k, temperature=T, ce_weight=0.0, student_mask=sm,
+                     teacher_mask=tm, student_vocab_size=Vs)
+    got.backward()
+    assert abs(got.item() - want.item()) < 1e-5
+    assert torch.allclose(s.grad.double(), s64.grad, atol=1e-6), (s.grad.double() - s64.grad).abs().max()
+    # a sparse teacher (TopK rows of 40 entries, used as given): its top k of the kept entries
+    from ctalign.ops import TopK
+    vals, idx = torch.topk(torch.log_softmax(t[..., :Vt].double(), -1), 40, dim=-1)
+    total = 0.0
+    for r in range(sm.shape[0]):
+        for j, kk in zip(torch.nonzero(sm[r]).flatten().tolist(), torch.nonzero(tm[r]).flatten().tolist()):
+            ps = torch.softmax(s.detach()[r, j - 1, :Vs].double() / T, -1).topk(k).values
+            kept = torch.log_softmax(vals[r, kk - 1] / T, -1) + torch.logsumexp(vals[r, kk - 1], -1)
+            pt = kept.exp().topk(k).values
+            total = total + (ps - pt).abs().sum() + ((1 - ps.sum()) - (1 - pt.sum())).abs()
+    got = L.uld_loss(s, TopK(idx, vals.float()), b["student_input_ids"], top_k=k, temperature=T, ce_weight=0.0,
+                     student_mask=sm, teacher_mask=tm, student_vocab_size=Vs)
+    assert abs(got.item() - total.item() / n_pairs) < 1e-5
+
+
 def _bld_bruteforce(s, head, t, b, tv, sv, K, lambda_b, lambda_kl):
     """BLD by definition with reduction='sum': loops over tokens, bytes and the teacher vocabulary."""
     a = b["alignment"]

@@ -313,19 +313,19 @@ def _pairs_byte(s_target, t_target, s_chunk, t_chunk):
 
 
 def _sorted_probs(x: torch.Tensor, k: int | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Descending probabilities of logits rows [N, V] (top k of them) and the tail mass."""
-    p = torch.softmax(x.float() / temperature, -1)
-    if k is None or k >= p.shape[-1]:
+    """Descending probabilities of logits rows [N, V] (top k of them: ops.topk_logprobs, one compiled
+    pass per row on CPU) and the tail mass."""
+    if k is None or k >= x.shape[-1]:
+        p = torch.softmax(x.float() / temperature, -1)
         return torch.sort(p, -1, descending=True).values, None
-    top = torch.topk(p, k, -1, sorted=True).values
+    top = _ops().topk_logprobs(x, k, temperature=temperature).logprobs.float().exp()
     return top, (1.0 - top.sum(-1)).clamp_min(0.0)
 
 
 def _sorted_topk_rows(rows, k: int | None, temperature: float):
     """Same as _sorted_probs for a TopK (sparse teacher rows, log-probs as given)."""
-    lp = rows.logprobs.float()
-    if temperature != 1.0:
-        lp = torch.log_softmax(lp / temperature, -1)
+    from ctalign.reference import tempered_logprobs
+    lp = tempered_logprobs(rows.logprobs.float(), temperature)  # the kept mass stays as given, as in the ops
     p = lp.exp()
     kk = p.shape[-1] if k is None else min(k, p.shape[-1])
     top = torch.topk(p, kk, -1, sorted=True).values
@@ -367,7 +367,11 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
     their totals (a lower bound of it, by the triangle inequality); exact when k covers both
     vocabularies. A sparse teacher (``TopK`` rows, ``[B, Lt, k]``) is used as given.
 
-    ``teacher_logits``: ``[B, Lt, Wt]`` or ``TopK``. ``chunk_size``: pairs scored per step (memory).
+    With ``top_k`` below both vocabularies, each side's top k comes from :func:`ctalign.ops.topk_logprobs`
+    on the paired rows in place (on CPU one compiled pass per row, no softmax or row copies).
+
+    ``teacher_logits``: ``[B, Lt, Wt]`` or ``TopK``. ``chunk_size``: pairs scored per step by the
+    full-sort path (memory).
     """
     _check_reduction(reduction)
     temperature = _check_temperature(temperature)
@@ -399,10 +403,24 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
     else:
         (sb, sj), (tb, tk) = _pairs_positional(s_t, t_t)
     terms = _Terms(student_logits)
-    ce = _shifted_ce(student_logits, ids, Vs, s_t)
-    terms.add(ce_weight, ce, s_t.sum())
+    if ce_weight != 0.0:
+        terms.add(ce_weight, _shifted_ce(student_logits, ids, Vs, s_t), s_t.sum())
     w1 = student_logits.new_zeros((B, Ls), dtype=torch.float32)
-    if uld_weight != 0.0 and sb.numel():
+    if uld_weight != 0.0 and sb.numel() and top_k is not None and top_k < Vs and (sparse_teacher or top_k < Vt):
+        # both sides' top k from the paired rows in place (ops.topk_logprobs reads only those rows)
+        t_rows, _, _ = _teacher_rows(teacher_logits)
+        t_flat_idx = (tb * Lt + (tk - 1)).to(_rows_device(t_rows))
+        ps = _ops().topk_logprobs(student_logits, top_k, rows=sb * Ls + (sj - 1), vocab_size=Vs,
+                                  temperature=temperature).logprobs.float().exp()
+        if sparse_teacher:
+            pt, tail_t = _sorted_topk_rows(_select_rows(t_rows, t_flat_idx), top_k, temperature)
+        else:
+            pt = _ops().topk_logprobs(t_rows, top_k, rows=t_flat_idx, vocab_size=Vt,
+                                      temperature=temperature).logprobs.float().exp()
+            tail_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
+        tail_s = (1.0 - ps.sum(-1)).clamp_min(0.0)
+        w1 = w1.index_put((sb, sj), _uld_distance(ps, tail_s, pt.to(dev), tail_t.to(dev)))
+    elif uld_weight != 0.0 and sb.numel():
         t_rows, _, _ = _teacher_rows(teacher_logits)
         t_flat_idx = tb * Lt + (tk - 1)
         vals = []
