@@ -8,7 +8,7 @@ each op next to its baselines:
 - ``softmax``: ``torch.softmax`` alone;
 - ``reference`` and the other pure-torch formulations (``reference_fp32``, ``index_add``,
   ``sparse_mm``, ``prefix_sums``, ``scatter_add``, ``scatter_dense``, ``sort``,
-  ``uld_loss_full_sort``; see docs/benchmarks.md), where the op has them;
+  ``uld_loss_full_sort``, ``topk_log_softmax``; see docs/benchmarks.md), where the op has them;
 - ``dense``: the dense mapping-matrix product (skipped, with the memory it would need, when the
   matrix is over the budget); for top-k ops, the same op over the full logits.
 
@@ -23,9 +23,10 @@ import torch
 
 OPS = ["next_byte", "byte_conditional", "project", "project_within", "cover",
        "next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk", "project_within_topk",
-       "project_within_topk_sparse", "cover_topk_sparse", "uld"]
+       "project_within_topk_sparse", "cover_topk_sparse", "uld", "topk_logprobs"]
 IMPLS = ["ctalign", "roofline", "softmax", "reference", "reference_fp32", "index_add", "sparse_mm",
-         "prefix_sums", "scatter_add", "scatter_dense", "dense_output", "sort", "uld_loss_full_sort", "dense"]
+         "prefix_sums", "scatter_add", "scatter_dense", "dense_output", "sort", "uld_loss_full_sort",
+         "topk_log_softmax", "dense"]
 
 
 def _pick(p, impl: str):
@@ -50,7 +51,7 @@ def _pick(p, impl: str):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", OPS)
 def test_op(benchmark, prepared_cases, bench_settings, device, op, impl):
-    k = 64 if "_topk" in op or op == "uld" else None
+    k = 64 if "_topk" in op or op in ("uld", "topk_logprobs") else None
     p = prepared_cases(op, device, k)
     fn = _pick(p, impl)
     pair, dtype = ":".join(bench_settings["pair"]), bench_settings["dtype"]

@@ -71,8 +71,9 @@ OPS = {
     "project_within_topk_sparse": "project_to_student_within(TopK, ..., sparse=True) -> TopK [Q, k]",
     "cover_topk_sparse": "cover_logmass(TopK, sparse=True) -> TopK [N, w]",
     "uld": "ULD loss, top-k (ctalign.losses) vs the full sort-based formulation",
+    "topk_logprobs": "topk_logprobs(logits, k) -> TopK [N, k] (e.g. caching a teacher's outputs)",
 }
-_BYTE_OPS = {"next_byte", "byte_conditional", "next_byte_topk"}
+_BYTE_OPS = {"next_byte", "byte_conditional", "next_byte_topk", "topk_logprobs"}  # teacher-only ops
 _TOPK_OPS = {"next_byte_topk", "project_topk", "project_topk_sparse", "cover_topk", "project_within_topk",
              "project_within_topk_sparse", "cover_topk_sparse"}
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -541,7 +542,7 @@ def _out_cols(op: str, n_student: int | None, k: int | None = None) -> int:
     return {"next_byte": 257, "byte_conditional": 257, "next_byte_topk": 257, "project": vs + 1,
             "project_within": vs + 1, "project_within_topk": vs + 1, "project_within_topk_sparse": min(k, vs + 1),
             "project_topk": vs + 1, "project_topk_sparse": min(k, vs + 1), "cover": vs, "cover_topk": vs,
-            "cover_topk_sparse": min(16 * k, vs), "uld": 1}[op]
+            "cover_topk_sparse": min(16 * k, vs), "uld": 1, "topk_logprobs": k}[op]
 
 
 def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) -> Prepared:
@@ -577,6 +578,16 @@ def prepare(ws: Workspace, case: Case, *, dense_budget: int, mem_budget: int) ->
         p.check = p.torch_variants["reference"]
         p.torch_variants.update(_grouped_torch_variants(ws, x, V, tkey + ("fb",), fb, 257, dev))
         p.dense, p.dense_bytes, p.dense_note = _dense_grouped(ws, x, V, tkey + ("fb",), fb, 257, dev, dense_budget)
+        return p
+
+    if case.op == "topk_logprobs":
+        k = min(case.k or 64, V)
+        p = Prepared(run=lambda: ops.topk_logprobs(x, k, vocab_size=V), logits=x, bytes_read=case.rows * V * itemsize,
+                     softmax=softmax)
+        p.torch_variants["reference"] = _on_reference(lambda: ops.topk_logprobs(x, k, vocab_size=V))
+        p.check = p.torch_variants["reference"]
+        p.torch_variants["topk_log_softmax"] = lambda: torch.topk(torch.log_softmax(x[:, :V].float(), -1), k, dim=-1)
+        p.dense_note = "n/a"
         return p
 
     if case.op == "project":
@@ -1007,7 +1018,7 @@ def plan(args, devices: list[str]) -> list[Case]:
                         continue  # within-token queries at the first pair only
                     if op == "cover" and not args.pairs and t == SYNTHETIC_VOCAB:
                         continue
-                    k = (args.k or 64) if op in _TOPK_OPS or op == "uld" else None
+                    k = (args.k or 64) if op in _TOPK_OPS or op in ("uld", "topk_logprobs") else None
                     for dt in dtypes:
                         cases.append(Case("ops", op, t, s, dt, rows, k, dev))
                     # bf16 logits, the usual training dtype, for the main ops at the first pair
