@@ -129,11 +129,16 @@ def topk_logprobs(logits: torch.Tensor, vocab_size: int, rows: torch.Tensor | No
     if rows is not None:
         logits = logits.index_select(0, rows.to(logits.device))
     x = logits[:, :vocab_size].to(_compute_dtype(logits.dtype))  # exact for every input dtype
-    kth = torch.topk(x, k, dim=-1).values[:, -1:]
-    above = x > kth
-    tie = x == kth
-    take = above | (tie & (tie.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
-    ids = take.nonzero()[:, 1].reshape(x.shape[0], k)  # exactly k per row, in increasing id order
+    vals, idx = torch.topk(x, k, dim=-1)  # the right values; ids among ties at the k-th value: any
+    kth = vals[:, -1:]
+    n_above = (vals > kth).sum(-1, keepdim=True)  # all of them are in idx
+    above_first = idx.gather(1, torch.argsort((vals <= kth).to(torch.int8), dim=-1, stable=True))
+    # the smallest ids equal to the k-th value: the largest -id among them (float32 holds ids < 2^24 exactly)
+    neg_id = -torch.arange(vocab_size, device=x.device, dtype=torch.float32)
+    ties = torch.topk(torch.where(x == kth, neg_id, float("-inf")), k, dim=-1).indices
+    j = torch.arange(k, device=x.device)
+    ids = torch.where(j < n_above, above_first, ties.gather(1, (j - n_above).clamp_min(0)))
+    ids = ids.sort(-1).values  # then by value, stable: ties in increasing id order
     ids = ids.gather(1, torch.sort(x.gather(1, ids), dim=-1, descending=True, stable=True).indices)
     s = _scaled(logits, vocab_size, temperature, accumulate)
     lse = torch.logsumexp(s, dim=-1)
