@@ -292,15 +292,53 @@ def test_uld_top_k_equals_its_definition_with_gradients():
     from ctalign.ops import TopK
     vals, idx = torch.topk(torch.log_softmax(t[..., :Vt].double(), -1), 40, dim=-1)
     total = 0.0
+    s64 = s.detach().double().requires_grad_()
     for r in range(sm.shape[0]):
         for j, kk in zip(torch.nonzero(sm[r]).flatten().tolist(), torch.nonzero(tm[r]).flatten().tolist()):
-            ps = torch.softmax(s.detach()[r, j - 1, :Vs].double() / T, -1).topk(k).values
+            ps = torch.softmax(s64[r, j - 1, :Vs] / T, -1).topk(k).values
             kept = torch.log_softmax(vals[r, kk - 1] / T, -1) + torch.logsumexp(vals[r, kk - 1], -1)
             pt = kept.exp().topk(k).values
             total = total + (ps - pt).abs().sum() + ((1 - ps.sum()) - (1 - pt.sum())).abs()
+    s.grad = None
     got = L.uld_loss(s, TopK(idx, vals.float()), b["student_input_ids"], top_k=k, temperature=T, ce_weight=0.0,
                      student_mask=sm, teacher_mask=tm, student_vocab_size=Vs)
     assert abs(got.item() - total.item() / n_pairs) < 1e-5
+    got.backward()
+    (total / n_pairs).backward()
+    assert torch.allclose(s.grad.double(), s64.grad, atol=1e-6), (s.grad.double() - s64.grad).abs().max()
+
+
+def test_uld_top_k_compiled_path_equals_the_torch_path():
+    """On CPU the top-k ULD runs ops.topk_logprobs in place; the pure-torch path (forced) gives the same
+    value and gradient, for dense and sparse teachers; bad rows are named by side and position."""
+    from ctalign import ops
+    from ctalign.errors import NonFiniteLogitsError
+    from ctalign.ops import TopK
+    amap = get_map("gpt2", "mistral-v1")
+    b = batch("gpt2", "mistral-v1")
+    Vt, Vs = amap.n_teacher, amap.n_student
+    t = logits_for(b, "teacher", Vt + 3, 13)
+    vals, idx = torch.topk(torch.log_softmax(t[..., :Vt], -1), 50, dim=-1)
+    kw = dict(student_mask=b["student_loss_mask"], teacher_mask=b["teacher_loss_mask"], student_vocab_size=Vs,
+              teacher_vocab_size=Vt, temperature=0.9, top_k=torch.tensor(32))
+    for teacher in (t, TopK(idx, vals)):
+        results = []
+        for backend in (None, "reference"):
+            s = logits_for(b, "student", Vs + 5, 14, grad=True)
+            with ops.force_backend(backend):
+                loss = L.uld_loss(s, teacher, b["student_input_ids"], **kw)
+                if backend is None:
+                    assert ops.last_backend() == "cpu"  # the compiled top-k served it
+            loss.backward()
+            results.append((loss.item(), s.grad))
+        assert abs(results[0][0] - results[1][0]) < 1e-5
+        assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    s = logits_for(b, "student", Vs, 14)
+    bj = torch.nonzero(b["student_loss_mask"])[3]
+    s[bj[0], bj[1] - 1, 7] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match=f"uld_loss: student logits at batch {int(bj[0])}, position "
+                                                   f"{int(bj[1]) - 1} hold NaN"):
+        L.uld_loss(s, t, b["student_input_ids"], **kw)
 
 
 def _bld_bruteforce(s, head, t, b, tv, sv, K, lambda_b, lambda_kl):

@@ -141,8 +141,11 @@ def test_leading_dimensions_and_strided_rows():
     assert torch.equal(got.indices.reshape(6, 10), flat.indices)
     strided = torch.randn(4, 2000, generator=g)[:, ::2]  # last dimension not contiguous
     assert torch.equal(ops.topk_logprobs(strided, 7).indices, brute_topk(strided.contiguous(), 1000, 7)[0])
-    empty = ops.topk_logprobs(torch.randn(0, 50), 3)
-    assert empty.indices.shape == (0, 3)
+    x0 = torch.randn(0, 50, requires_grad=True)
+    empty = ops.topk_logprobs(x0, torch.tensor(3))  # k may be a 0-d integer tensor
+    assert empty.indices.shape == empty.logprobs.shape == (0, 3)
+    empty.logprobs.sum().backward()  # still connected to the logits
+    assert x0.grad.shape == (0, 50)
 
 
 def test_selected_rows_only_are_read():

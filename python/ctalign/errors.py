@@ -6,7 +6,7 @@ callers may catch either. The command line turns these into one line on stderr a
 """
 from __future__ import annotations
 
-__all__ = ["CtalignError", "ArtifactError", "MapMismatchError", "VocabError"]
+__all__ = ["CtalignError", "ArtifactError", "MapMismatchError", "NonFiniteLogitsError", "VocabError"]
 
 
 class CtalignError(ValueError):
@@ -28,3 +28,12 @@ class MapMismatchError(CtalignError):
 
 class VocabError(CtalignError):
     """A tokenizer file cannot be loaded (unknown format, malformed content)."""
+
+
+class NonFiniteLogitsError(CtalignError):
+    """A logits row holds NaN or infinite values (or overflows at the temperature). ``row``: its index
+    among the logits rows flattened to ``[N, W]``."""
+
+    def __init__(self, message: str, row: int):
+        self.row = int(row)
+        super().__init__(message)

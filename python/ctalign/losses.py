@@ -313,13 +313,26 @@ def _pairs_byte(s_target, t_target, s_chunk, t_chunk):
 
 
 def _sorted_probs(x: torch.Tensor, k: int | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Descending probabilities of logits rows [N, V] (top k of them: ops.topk_logprobs, one compiled
-    pass per row on CPU) and the tail mass."""
-    if k is None or k >= x.shape[-1]:
-        p = torch.softmax(x.float() / temperature, -1)
+    """Descending probabilities of logits rows [N, V] (top k of them) and the tail mass."""
+    p = torch.softmax(x.float() / temperature, -1)
+    if k is None or k >= p.shape[-1]:
         return torch.sort(p, -1, descending=True).values, None
-    top = _ops().topk_logprobs(x, k, temperature=temperature).logprobs.float().exp()
+    top = torch.topk(p, k, -1, sorted=True).values
     return top, (1.0 - top.sum(-1)).clamp_min(0.0)
+
+
+def _compiled_top_probs(logits: torch.Tensor, rows: torch.Tensor, k: int, vocab_size: int, temperature: float,
+                        side: str, length: int) -> torch.Tensor:
+    """Descending top-k probabilities of the given rows of logits [B, L, W] (flattened row ids), by the
+    compiled ops.topk_logprobs; a non-finite row is reported by (batch, position) and side."""
+    from ctalign.errors import NonFiniteLogitsError
+    try:
+        lp = _ops().topk_logprobs(logits, k, rows=rows, vocab_size=vocab_size, temperature=temperature).logprobs
+    except NonFiniteLogitsError as e:
+        b, j = divmod(e.row, length)
+        raise NonFiniteLogitsError(f"uld_loss: {side} logits at batch {b}, position {j} hold NaN or +inf, only "
+                                   f"-inf, or overflow at temperature {temperature}", e.row) from None
+    return lp.float().exp()
 
 
 def _sorted_topk_rows(rows, k: int | None, temperature: float):
@@ -367,8 +380,12 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
     their totals (a lower bound of it, by the triangle inequality); exact when k covers both
     vocabularies. A sparse teacher (``TopK`` rows, ``[B, Lt, k]``) is used as given.
 
-    With ``top_k`` below both vocabularies, each side's top k comes from :func:`ctalign.ops.topk_logprobs`
-    on the paired rows in place (on CPU one compiled pass per row, no softmax or row copies).
+    On CPU with ``top_k`` below both vocabularies, the top k of dense rows comes from
+    :func:`ctalign.ops.topk_logprobs` on the paired rows in place (one compiled pass per row, no
+    softmax, no gathered row copies; its backward is once-differentiable: ``ops.force_backend
+    ("reference")`` gives the pure-torch path for higher-order gradients). A sparse teacher's kept
+    entries are used as given; at ``temperature`` T they are reshaped keeping their total mass (as in
+    :mod:`ctalign.ops`), so its tail stays the mass the rows leave out.
 
     ``teacher_logits``: ``[B, Lt, Wt]`` or ``TopK``. ``chunk_size``: pairs scored per step by the
     full-sort path (memory).
@@ -377,8 +394,10 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
     temperature = _check_temperature(temperature)
     if align not in ("positional", "byte"):
         raise ValueError(f"align must be 'positional' or 'byte', got {align!r}")
-    if top_k is not None and int(top_k) < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_k is not None:
+        top_k = int(top_k)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     Vs = _check_logits(student_logits, "student logits", student_vocab_size)
     B, Ls, _ = student_logits.shape
     sparse_teacher = _is_topk(teacher_logits)
@@ -406,17 +425,18 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
     if ce_weight != 0.0:
         terms.add(ce_weight, _shifted_ce(student_logits, ids, Vs, s_t), s_t.sum())
     w1 = student_logits.new_zeros((B, Ls), dtype=torch.float32)
-    if uld_weight != 0.0 and sb.numel() and top_k is not None and top_k < Vs and (sparse_teacher or top_k < Vt):
-        # both sides' top k from the paired rows in place (ops.topk_logprobs reads only those rows)
+    compiled = (top_k is not None and top_k < Vs and (sparse_teacher or top_k < Vt)
+                and _ops().uses_compiled_kernels(student_logits)
+                and (sparse_teacher or _ops().uses_compiled_kernels(teacher_logits)))
+    if uld_weight != 0.0 and sb.numel() and compiled:
+        # CPU: both sides' top k from the paired rows in place (no softmax, no gathered row copies)
         t_rows, _, _ = _teacher_rows(teacher_logits)
         t_flat_idx = (tb * Lt + (tk - 1)).to(_rows_device(t_rows))
-        ps = _ops().topk_logprobs(student_logits, top_k, rows=sb * Ls + (sj - 1), vocab_size=Vs,
-                                  temperature=temperature).logprobs.float().exp()
+        ps = _compiled_top_probs(student_logits, sb * Ls + (sj - 1), top_k, Vs, temperature, "student", Ls)
         if sparse_teacher:
             pt, tail_t = _sorted_topk_rows(_select_rows(t_rows, t_flat_idx), top_k, temperature)
         else:
-            pt = _ops().topk_logprobs(t_rows, top_k, rows=t_flat_idx, vocab_size=Vt,
-                                      temperature=temperature).logprobs.float().exp()
+            pt = _compiled_top_probs(teacher_logits.detach(), t_flat_idx, top_k, Vt, temperature, "teacher", Lt)
             tail_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
         tail_s = (1.0 - ps.sum(-1)).clamp_min(0.0)
         w1 = w1.index_put((sb, sj), _uld_distance(ps, tail_s, pt.to(dev), tail_t.to(dev)))

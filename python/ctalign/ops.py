@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from ctalign import _cpu_backend, reference
-from ctalign.errors import MapMismatchError
+from ctalign.errors import MapMismatchError, NonFiniteLogitsError
 
 __all__ = [
     "TopK", "next_byte_logprobs", "byte_conditional_logprobs", "project_to_student",
@@ -401,7 +401,8 @@ def _compiled_call(op: str, fn, *args):
 def _raise_nonfinite(op: str, bad_rows: torch.Tensor) -> None:
     if bool(bad_rows.any()):
         r = int(bad_rows.nonzero()[0])
-        raise ValueError(f"{op}: logits row {r} holds NaN or infinite values (or overflows at this temperature)")
+        raise NonFiniteLogitsError(f"{op}: logits row {r} holds NaN or infinite values (or overflows at this temperature)",
+                                   r)
 
 
 def _check_rows_finite(op: str, x: torch.Tensor, n_tokens: int, lse: torch.Tensor | None,
@@ -861,12 +862,16 @@ def topk_logprobs(logits, k: int, *, rows=None, vocab_size: int | None = None, t
     decreasing order, ties broken by the smaller id: ``logprobs = log_softmax(logits / T)`` at
     ``indices``, over the first ``vocab_size`` columns (default: all; padding columns are ignored).
 
-    ``rows``: optional 1-d ids of rows of the logits flattened to ``[N, W]``: the result is then
-    ``[len(rows), k]`` and no other row is read or copied (e.g. the target positions of a batch).
+    ``rows``: optional 1-d ids of rows of the logits flattened to ``[N, W]`` (as the other ops
+    flatten them: a view, or a copy when the logits cannot be viewed so): the result is then
+    ``[len(rows), k]`` and the kernel reads no other row (e.g. the target positions of a batch).
 
-    On CPU one compiled pass per row (softmax fused, no ``[N, V]`` intermediate); elsewhere pure
-    torch. Differentiable in ``logits``. ``-inf`` logits are allowed (zero mass); NaN, ``+inf``, a
-    row of only ``-inf`` or a width below ``vocab_size`` raise ``ValueError``."""
+    On CPU one compiled pass per row (softmax fused, no ``[N, V]`` intermediate), with a compiled
+    backward that is once-differentiable like the other ops' (``force_backend("reference")`` for
+    higher-order gradients); elsewhere pure torch. ``-inf`` logits are allowed (zero mass); NaN,
+    ``+inf``, a row of only ``-inf``, a row that overflows at the temperature
+    (:class:`~ctalign.errors.NonFiniteLogitsError`, a ``ValueError`` with the row) or a width below
+    ``vocab_size`` raise."""
     global _last_backend
     op = "topk_logprobs"
     t = _check_temperature(op, temperature)
@@ -880,6 +885,8 @@ def topk_logprobs(logits, k: int, *, rows=None, vocab_size: int | None = None, t
         raise ValueError(f"{op}: vocab_size must be a positive int or None, got {vocab_size!r}")
     else:
         n_tokens = int(vocab_size)
+    if isinstance(k, torch.Tensor) and k.numel() == 1 and not k.is_floating_point() and k.dtype != torch.bool:
+        k = int(k)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         raise TypeError(f"{op}: k must be an int, got {type(k).__name__}")
     if not 1 <= k <= n_tokens:
@@ -890,16 +897,18 @@ def topk_logprobs(logits, k: int, *, rows=None, vocab_size: int | None = None, t
         rows = _index_arg(op, "rows", rows, x.shape[0], x.device, "rows of the flattened logits")
         lead = (rows.shape[0],)
     n_out = x.shape[0] if rows is None else rows.shape[0]
-    if n_out == 0:
-        empty = torch.empty(0, k, dtype=torch.int64, device=x.device)
-        return TopK(empty.reshape(*lead, k), empty.to(reference._compute_dtype(x.dtype)).reshape(*lead, k))
+    if n_out == 0:  # still connected to the logits, so a loss over it can call backward
+        lp = x[:0, :k].to(reference._compute_dtype(x.dtype))
+        return TopK(torch.empty(0, k, dtype=torch.int64, device=x.device).reshape(*lead, k), lp.reshape(*lead, k))
     _, name = _backend_for(x)
     if name == "cpu":
         ids, lp, lse = _TopKLogprobs.apply(x, n_tokens, rows, k, t)
     else:
-        used = x[:, :n_tokens] if rows is None else x.index_select(0, rows)[:, :n_tokens]
+        if rows is not None:
+            x = x.index_select(0, rows)
+        used = x[:, :n_tokens]
         _raise_topk_nonfinite(op, torch.isnan(used).any(-1) | (used == float("inf")).any(-1), rows)
-        ids, lp, lse = reference.topk_logprobs(x, n_tokens, rows, k, t)
+        ids, lp, lse = reference.topk_logprobs(x, n_tokens, None, k, t)
         name = "reference"
     _raise_topk_nonfinite(op, ~torch.isfinite(lse), rows)
     _last_backend = name
@@ -910,7 +919,14 @@ def _raise_topk_nonfinite(op: str, bad_outputs: torch.Tensor, rows: torch.Tensor
     if bool(bad_outputs.any()):
         i = int(bad_outputs.nonzero()[0])
         r = i if rows is None else int(rows[i])
-        raise ValueError(f"{op}: logits row {r} holds NaN or +inf, only -inf, or overflows at this temperature")
+        raise NonFiniteLogitsError(f"{op}: logits row {r} holds NaN or +inf, only -inf, or overflows at this "
+                                   f"temperature", r)
+
+
+def uses_compiled_kernels(x: torch.Tensor) -> bool:
+    """True when a dense op on ``x`` runs the compiled CPU kernels (CPU tensor, ``_core`` built, no
+    other backend forced)."""
+    return isinstance(x, torch.Tensor) and _backend_for(x)[1] == "cpu"
 
 
 def next_byte_logprobs(logits, vocab, *, temperature: float = 1.0) -> torch.Tensor:
