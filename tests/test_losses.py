@@ -336,9 +336,17 @@ def test_uld_top_k_compiled_path_equals_the_torch_path():
     s = logits_for(b, "student", Vs, 14)
     bj = torch.nonzero(b["student_loss_mask"])[3]
     s[bj[0], bj[1] - 1, 7] = float("nan")
-    with pytest.raises(NonFiniteLogitsError, match=f"uld_loss: student logits at batch {int(bj[0])}, position "
-                                                   f"{int(bj[1]) - 1} hold NaN"):
-        L.uld_loss(s, t, b["student_input_ids"], **kw)
+    for backend in (None, "reference"):  # the compiled and the torch path refuse it alike
+        with ops.force_backend(backend), pytest.raises(
+                NonFiniteLogitsError, match=f"uld_loss: student logits at batch {int(bj[0])}, position "
+                                            f"{int(bj[1]) - 1} hold NaN"):
+            L.uld_loss(s, t, b["student_input_ids"], **kw)
+    t_bad = t.clone()
+    tj = torch.nonzero(b["teacher_loss_mask"])[2]
+    t_bad[tj[0], tj[1] - 1, :Vt] = float("-inf")
+    for backend in (None, "reference"):
+        with ops.force_backend(backend), pytest.raises(NonFiniteLogitsError, match="teacher logits .* only -inf"):
+            L.uld_loss(logits_for(b, "student", Vs, 14), t_bad, b["student_input_ids"], **kw)
 
 
 def _bld_bruteforce(s, head, t, b, tv, sv, K, lambda_b, lambda_kl):
