@@ -1912,11 +1912,6 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
   bool bad = false;
   for (std::int64_t c0 = 0; c0 < v; c0 += kChunk) {
     const std::int64_t n = std::min(kChunk, v - c0);
-    if (c0 + n < v) {  // the next chunk streams in from DRAM while this one is in L1
-      const char* next = reinterpret_cast<const char*>(row + c0 + n);
-      const std::int64_t bytes = std::min(kChunk, v - c0 - n) * static_cast<std::int64_t>(sizeof(T));
-      for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + b);
-    }
     RowStats<C> st;
     k.stats(row + c0, n, C(1), &st);
     if (st.nan || st.max * scale == std::numeric_limits<C>::infinity()) {  // -inf columns are fine: no mass
