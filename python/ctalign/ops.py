@@ -203,7 +203,7 @@ class _TrieConditional(torch.autograd.Function):
 
 
 class _CompiledSparseOutput(torch.autograd.Function):
-    """Sparse rows to a sparse output on CPU (trie conditionals, cover): the compiled forward
+    """Sparse rows to a sparse output on CPU (groups, trie conditionals, cover): the compiled forward
     ``kernel(indices, logprobs, *kernel_args) -> (ids, out)``; the backward differentiates the torch
     path, which lists the same ids in the same order."""
 
@@ -243,30 +243,6 @@ class _TopKGrouped(torch.autograd.Function):
         with torch.enable_grad():
             lp = logprobs.detach().requires_grad_()
             out = reference.topk_grouped_logmass(indices, lp, group, n_groups, temperature)
-            (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
-        return grad, None, None, None, None, None
-
-
-class _TopKGroupedSparse(torch.autograd.Function):
-    """Sparse rows to sparse groups on CPU: the compiled forward (ids, log masses); the backward
-    differentiates the reference, which lays out the same ids in the same order."""
-
-    @staticmethod
-    def forward(ctx, logprobs, indices, vocab_size, group, n_groups, temperature):
-        ids, out = _cpu_backend.topk_grouped_sparse(indices, logprobs, vocab_size, group, n_groups, temperature)
-        ctx.save_for_backward(logprobs, indices, group)
-        ctx.args = (n_groups, temperature)
-        ctx.mark_non_differentiable(ids)
-        return ids, out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_ids, grad_out):
-        logprobs, indices, group = ctx.saved_tensors
-        n_groups, temperature = ctx.args
-        with torch.enable_grad():
-            lp = logprobs.detach().requires_grad_()
-            _, out = reference.topk_grouped_sparse(indices, lp, group, n_groups, temperature)
             (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
         return grad, None, None, None, None, None
 
@@ -984,7 +960,11 @@ def project_to_student(logits, amap, *, temperature: float = 1.0, teacher=None, 
         idx, lp, lead = _topk_rows(op, logits, maps.n_teacher, what, deep=not compiled)
         group, n_groups = maps.on(idx.device)["group"], maps.n_student + 1
         if compiled:
-            ids, logmass = _compiled_call(op, _TopKGroupedSparse.apply, lp, idx, maps.n_teacher, group, n_groups, t)
+            def torch_path(rows: TopK) -> TopK:  # the same ids in the same order: the backward differentiates it
+                return TopK(*reference.topk_grouped_sparse(rows.indices, rows.logprobs, group, n_groups, t))
+
+            ids, logmass = _compiled_call(op, _CompiledSparseOutput.apply, lp, idx, _cpu_backend.topk_grouped_sparse,
+                                          torch_path, (maps.n_teacher, group, n_groups, t))
         else:
             ids, logmass = reference.topk_grouped_sparse(idx, lp, group, n_groups, t)
         _last_backend = "topk"
