@@ -339,8 +339,9 @@ def test_uld_top_k_compiled_path_equals_the_torch_path():
     for backend in (None, "reference"):  # the compiled and the torch path refuse it alike
         with ops.force_backend(backend), pytest.raises(
                 NonFiniteLogitsError, match=f"uld_loss: student logits at batch {int(bj[0])}, position "
-                                            f"{int(bj[1]) - 1} hold NaN"):
+                                            f"{int(bj[1]) - 1} hold NaN") as err:
             L.uld_loss(s, t, b["student_input_ids"], **kw)
+        assert err.value.row == int(bj[0]) * s.shape[1] + int(bj[1]) - 1
     t_bad = t.clone()
     tj = torch.nonzero(b["teacher_loss_mask"])[2]
     t_bad[tj[0], tj[1] - 1, :Vt] = float("-inf")

@@ -24,8 +24,9 @@ except ImportError:  # pragma: no cover - the package is unusable without its co
 
 __all__ = [
     "available", "full_output", "grouped_logmass", "grouped_logmass_backward", "range_logmass", "range_logmass_backward",
-    "topk_grouped_logmass", "topk_grouped_sparse", "topk_logprobs", "topk_logprobs_backward", "topk_trie_sparse", "topk_cover_sparse", "trie_conditional_logprobs",
-    "trie_conditional_logprobs_backward", "num_threads", "set_num_threads", "kernel_isa", "set_kernel_isa",
+    "topk_grouped_logmass", "topk_grouped_sparse", "topk_logprobs", "topk_logprobs_backward", "topk_trie_sparse",
+    "topk_cover_sparse", "trie_conditional_logprobs", "trie_conditional_logprobs_backward", "num_threads",
+    "set_num_threads", "kernel_isa", "set_kernel_isa",
 ]
 
 _ELEM_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}

@@ -321,7 +321,8 @@ def _sorted_probs(x: torch.Tensor, k: int | None, temperature: float) -> tuple[t
     return top, (1.0 - top.sum(-1)).clamp_min(0.0)
 
 
-def _check_paired_rows(x: torch.Tensor, b: torch.Tensor, j: torch.Tensor, side: str, temperature: float) -> None:
+def _check_paired_rows(x: torch.Tensor, b: torch.Tensor, j: torch.Tensor, side: str, temperature: float,
+                       length: int) -> None:
     """The compiled path's rule on the torch path: a paired row holding NaN or +inf, only -inf, or
     overflowing at the temperature raises (one max per row; skipped on CUDA with ops.check_finite off)."""
     if x.device.type == "cuda" and not _ops().check_finite:
@@ -331,7 +332,8 @@ def _check_paired_rows(x: torch.Tensor, b: torch.Tensor, j: torch.Tensor, side: 
         from ctalign.errors import NonFiniteLogitsError
         i = int(bad.nonzero()[0])
         raise NonFiniteLogitsError(f"uld_loss: {side} logits at batch {int(b[i])}, position {int(j[i])} hold NaN or "
-                                   f"+inf, only -inf, or overflow at temperature {temperature}", i)
+                                   f"+inf, only -inf, or overflow at temperature {temperature}",
+                                   int(b[i]) * length + int(j[i]))
 
 
 def _compiled_top_probs(logits: torch.Tensor, rows: torch.Tensor, k: int, vocab_size: int, temperature: float,
@@ -464,14 +466,14 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
         for lo in range(0, sb.numel(), chunk_size):
             hi = min(lo + chunk_size, sb.numel())
             xs = student_logits[sb[lo:hi], sj[lo:hi] - 1, :Vs]
-            _check_paired_rows(xs, sb[lo:hi], sj[lo:hi] - 1, "student", temperature)
+            _check_paired_rows(xs, sb[lo:hi], sj[lo:hi] - 1, "student", temperature, Ls)
             ps, tail_s = _sorted_probs(xs, top_k, temperature)
             rows = _select_rows(t_rows, t_flat_idx[lo:hi].to(_rows_device(t_rows)))
             if sparse_teacher:
                 pt, tail_t = _sorted_topk_rows(rows, top_k, temperature)
                 pt, tail_t = pt.to(dev), tail_t.to(dev)
             else:
-                _check_paired_rows(rows[:, :Vt], tb[lo:hi], tk[lo:hi] - 1, "teacher", temperature)
+                _check_paired_rows(rows[:, :Vt], tb[lo:hi], tk[lo:hi] - 1, "teacher", temperature, Lt)
                 pt, tail_t = _sorted_probs(rows[:, :Vt].to(dev), top_k, temperature)
             if top_k is not None and not sparse_teacher and top_k >= max(Vs, Vt):
                 tail_s = tail_t = None

@@ -42,6 +42,9 @@ narrower than the map's teacher, ``teacher=``/``student=`` vocabularies a map wa
 naming the problem. Finite-logit checking is free on CPU (the kernel reports it); on CUDA it synchronises once
 per call unless :data:`check_finite` is set to False.
 
+:func:`topk_logprobs` goes the other way: dense logits rows to :class:`TopK` rows (the k most likely
+ids, ties to the smaller id, and their log-probabilities), e.g. to cache a teacher's outputs.
+
 Tables (token groups, sorted orders, trie nodes) are cached as torch tensors on the vocabulary or
 map object, per device, so a training loop copies them to the device once.
 """
