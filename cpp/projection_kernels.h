@@ -23,8 +23,9 @@
 //     max pass (L1), then an 8x8 transpose so each token adds its eight rows' e^x to one cache line of
 //     a [G][8] double accumulator (G x 64 bytes per thread); the next chunk is prefetched meanwhile,
 //     and so, when the table outgrows L2 (G > 4096), are the accumulator lines 64 tokens ahead. The
-//     rows' totals are summed in the same loop; the finish (log of G x 8 masses) runs 16 lanes wide
-//     on AVX-512.
+//     rows' totals are summed in the same loop for such tables, and as the accumulator's column sums
+//     after it for tables in cache (G <= 4096: one add less per token); the finish (log of G x 8
+//     masses) runs 16 lanes wide on AVX-512.
 //     Leftover rows (and the scalar ISA) scatter-add one row at a time. O(V + G).
 //   grouped backward: same layout (a [G][8] table of per-group constants), one e^x per element.
 //   range_logmass: rows some query reads; a max pass, e^x into a buffer, a scatter into sorted order,
