@@ -723,16 +723,28 @@ Block8Kernels block8_kernels(ElemType type) {
   const Isa isa = current_isa();
   if (isa == Isa::avx512) {
     switch (type) {
-      case ElemType::f32: return {block8_accumulate_avx512<float, true>, block8_accumulate_avx512<float, false>, block8_finish_avx512, block8_grad_avx2<float>};
-      case ElemType::bf16: return {block8_accumulate_avx512<bf16_t, true>, block8_accumulate_avx512<bf16_t, false>, block8_finish_avx512, block8_grad_avx2<bf16_t>};
-      case ElemType::f16: return {block8_accumulate_avx512<f16_t, true>, block8_accumulate_avx512<f16_t, false>, block8_finish_avx512, block8_grad_avx2<f16_t>};
+      case ElemType::f32:
+        return {block8_accumulate_avx512<float, true>, block8_accumulate_avx512<float, false>, block8_finish_avx512,
+                block8_grad_avx2<float>};
+      case ElemType::bf16:
+        return {block8_accumulate_avx512<bf16_t, true>, block8_accumulate_avx512<bf16_t, false>, block8_finish_avx512,
+                block8_grad_avx2<bf16_t>};
+      case ElemType::f16:
+        return {block8_accumulate_avx512<f16_t, true>, block8_accumulate_avx512<f16_t, false>, block8_finish_avx512,
+                block8_grad_avx2<f16_t>};
       default: break;
     }
   } else if (isa == Isa::avx2) {
     switch (type) {
-      case ElemType::f32: return {block8_accumulate_avx2<float, true>, block8_accumulate_avx2<float, false>, block8_finish_avx2, block8_grad_avx2<float>};
-      case ElemType::bf16: return {block8_accumulate_avx2<bf16_t, true>, block8_accumulate_avx2<bf16_t, false>, block8_finish_avx2, block8_grad_avx2<bf16_t>};
-      case ElemType::f16: return {block8_accumulate_avx2<f16_t, true>, block8_accumulate_avx2<f16_t, false>, block8_finish_avx2, block8_grad_avx2<f16_t>};
+      case ElemType::f32:
+        return {block8_accumulate_avx2<float, true>, block8_accumulate_avx2<float, false>, block8_finish_avx2,
+                block8_grad_avx2<float>};
+      case ElemType::bf16:
+        return {block8_accumulate_avx2<bf16_t, true>, block8_accumulate_avx2<bf16_t, false>, block8_finish_avx2,
+                block8_grad_avx2<bf16_t>};
+      case ElemType::f16:
+        return {block8_accumulate_avx2<f16_t, true>, block8_accumulate_avx2<f16_t, false>, block8_finish_avx2,
+                block8_grad_avx2<f16_t>};
       default: break;
     }
   }
