@@ -576,6 +576,12 @@ def test_bad_input_gives_errors_or_zero_losses():
             fn()
     with pytest.raises(ValueError):  # NaN teacher logits are refused by the ops
         L.likelihood_distillation_loss(s, torch.full_like(t, float("nan")), ids, a, amap)
+    out_of_range = ids.clone()
+    out_of_range[b["student_loss_mask"]] = amap.n_student + 3
+    for ce_weight in (1.0, 0.0):  # refused with or without the CE term
+        with pytest.raises(ValueError, match=f"token id {amap.n_student + 3} is outside the vocabulary"):
+            L.uld_loss(s, t, out_of_range, ce_weight=ce_weight, top_k=8,
+                       student_mask=b["student_loss_mask"], teacher_mask=b["teacher_loss_mask"])
     # all-masked batch: a zero loss connected to the graph, zero gradient
     none = torch.zeros_like(b["student_loss_mask"])
     for name, loss in _all_losses(amap, {**b, "student_loss_mask": none, "teacher_loss_mask": none[:, :0].new_zeros(

@@ -150,15 +150,19 @@ def _alignment_lengths(alignment, side: str):
     return alignment.student_lengths if side == "student" else alignment.teacher_lengths
 
 
+def _check_target_ids(ids: torch.Tensor, vocab_size: int, target: torch.Tensor) -> None:
+    if bool(((ids < 0) | (ids >= vocab_size))[target].any()):
+        bad = ids[target & ((ids < 0) | (ids >= vocab_size))][0].item()
+        raise ValueError(f"token id {bad} is outside the vocabulary of {vocab_size} ids")
+
+
 def _shifted_ce(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int, target: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy ``-log p(ids[j] | logits[j-1])`` [B, L] (0 where not a target)."""
     B, L, _ = logits.shape
     out = logits.new_zeros((B, L), dtype=torch.float32)
     if L < 2:
         return out + logits.sum() * 0.0
-    if bool(((ids < 0) | (ids >= vocab_size))[target].any()):
-        bad = ids[target & ((ids < 0) | (ids >= vocab_size))][0].item()
-        raise ValueError(f"token id {bad} is outside the vocabulary of {vocab_size} ids")
+    _check_target_ids(ids, vocab_size, target)
     x = logits[:, :-1, :vocab_size].float()
     tgt = ids[:, 1:].clamp(0, vocab_size - 1)
     ce = F.cross_entropy(x.reshape(-1, vocab_size), tgt.reshape(-1), reduction="none").view(B, L - 1)
@@ -443,6 +447,8 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
     terms = _Terms(student_logits)
     if ce_weight != 0.0:
         terms.add(ce_weight, _shifted_ce(student_logits, ids, Vs, s_t), s_t.sum())
+    else:
+        _check_target_ids(ids, Vs, s_t)  # the CE pass (skipped) would have refused them
     w1 = student_logits.new_zeros((B, Ls), dtype=torch.float32)
     compiled = (top_k is not None and top_k < Vs and (sparse_teacher or top_k < Vt)
                 and _ops().uses_compiled_kernels(student_logits)
