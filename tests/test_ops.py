@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from ctalign import _core, _cpu_backend, ops
-from ctalign.errors import MapMismatchError
+from ctalign.errors import MapMismatchError, NonFiniteLogitsError
 from ctalign.ops import TopK
 
 PAIRS = {
@@ -709,8 +709,9 @@ def test_bad_inputs_raise_clear_errors(pair, map_of):
     for bad in (float("nan"), float("inf"), float("-inf")):
         y = x.clone()
         y[1, 5] = bad
-        with pytest.raises(ValueError, match="row 1 holds NaN or infinite"):
+        with pytest.raises(NonFiniteLogitsError, match="row 1 holds NaN or infinite") as err:
             ops.next_byte_logprobs(y, teacher)
+        assert err.value.row == 1 and isinstance(err.value, ValueError)
         with pytest.raises(ValueError, match="row 1 holds NaN or infinite"):
             ops.byte_conditional_logprobs(y, teacher, [1], [0])
         with pytest.raises(ValueError, match="row 1 holds NaN or infinite"):
