@@ -717,34 +717,36 @@ RowKernels<float> row_kernels<float>(ElemType type) {
   }
 }
 
+#ifdef CTALIGN_X86
+// The eight-row table of an instruction set for element type T (accumulate with and without the
+// in-loop totals, finish, gradient).
+template <class T>
+Block8Kernels avx512_block8() {
+  return {block8_accumulate_avx512<T, true>, block8_accumulate_avx512<T, false>, block8_finish_avx512,
+          block8_grad_avx2<T>};
+}
+template <class T>
+Block8Kernels avx2_block8() {
+  return {block8_accumulate_avx2<T, true>, block8_accumulate_avx2<T, false>, block8_finish_avx2, block8_grad_avx2<T>};
+}
+#endif
+
 // Eight-row kernels of the current instruction set, or nullptr members (scalar ISA: one row at a time).
 Block8Kernels block8_kernels(ElemType type) {
 #ifdef CTALIGN_X86
   const Isa isa = current_isa();
   if (isa == Isa::avx512) {
     switch (type) {
-      case ElemType::f32:
-        return {block8_accumulate_avx512<float, true>, block8_accumulate_avx512<float, false>, block8_finish_avx512,
-                block8_grad_avx2<float>};
-      case ElemType::bf16:
-        return {block8_accumulate_avx512<bf16_t, true>, block8_accumulate_avx512<bf16_t, false>, block8_finish_avx512,
-                block8_grad_avx2<bf16_t>};
-      case ElemType::f16:
-        return {block8_accumulate_avx512<f16_t, true>, block8_accumulate_avx512<f16_t, false>, block8_finish_avx512,
-                block8_grad_avx2<f16_t>};
+      case ElemType::f32: return avx512_block8<float>();
+      case ElemType::bf16: return avx512_block8<bf16_t>();
+      case ElemType::f16: return avx512_block8<f16_t>();
       default: break;
     }
   } else if (isa == Isa::avx2) {
     switch (type) {
-      case ElemType::f32:
-        return {block8_accumulate_avx2<float, true>, block8_accumulate_avx2<float, false>, block8_finish_avx2,
-                block8_grad_avx2<float>};
-      case ElemType::bf16:
-        return {block8_accumulate_avx2<bf16_t, true>, block8_accumulate_avx2<bf16_t, false>, block8_finish_avx2,
-                block8_grad_avx2<bf16_t>};
-      case ElemType::f16:
-        return {block8_accumulate_avx2<f16_t, true>, block8_accumulate_avx2<f16_t, false>, block8_finish_avx2,
-                block8_grad_avx2<f16_t>};
+      case ElemType::f32: return avx2_block8<float>();
+      case ElemType::bf16: return avx2_block8<bf16_t>();
+      case ElemType::f16: return avx2_block8<f16_t>();
       default: break;
     }
   }
