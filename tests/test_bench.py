@@ -142,6 +142,14 @@ def test_quick_bench_measures_every_op_against_its_baselines(quick_run):
         assert r["positions_per_s"] == pytest.approx(r["rows"] / r["time_s"])
         roof = r["baselines"]["roofline"]
         assert r["roofline_ratio"] == pytest.approx(roof["time_s"] / r["time_s"])
+        if r["op"] in ("next_byte", "project", "cover", "byte_conditional", "project_within"):
+            # the I/O bound: reading the logits (the roofline) plus writing an output of the op's shape
+            write = r["baselines"]["write"]
+            out_rows = r["queries"] if r["op"] in ("byte_conditional", "project_within") else r["rows"]
+            assert write["bytes"] == out_rows * r["out_cols"] * (8 if r["dtype"] == "fp64" else 4)
+            assert r["io_bound_ratio"] == pytest.approx(roof["time_s"] / (roof["time_s"] + write["time_s"]))
+        else:
+            assert "io_bound_ratio" not in r and "write" not in r["baselines"]
         for name, b in r["baselines"].items():
             if "time_s" in b:
                 assert b["ratio"] == pytest.approx(b["time_s"] / r["time_s"]), name

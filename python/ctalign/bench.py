@@ -3,6 +3,8 @@
 Every op is timed next to baselines measured in the same run, on the same tensors:
 
 - ``roofline``: ``torch.sum(logits, -1)`` over the same tensor, the read bandwidth of the machine;
+  with ``fill_`` of a tensor shaped like the op's output (dense ops), the ``I/O bound``: the roofline
+  share an op that reads the logits once and writes its output once at torch's speed would reach;
 - ``torch``: the fastest pure-torch formulation of the op (``ctalign.reference`` and the alternatives
   written here: ``index_add``, sparse CSR products, prefix sums, a sort-based ULD), the best one named;
 - ``dense``: the mapping-matrix approach, ``log(softmax(logits) @ M)`` with ``M`` a dense
@@ -903,6 +905,12 @@ def run_case(ws: Workspace, case: Case, opts: "Options") -> dict:
             x = p.logits
             rt = measure(lambda: torch.sum(x, -1), **t)
             base["roofline"] = {**rt.as_dict(), "gbps": x.numel() * x.element_size() / rt.median / 1e9}
+            if case.op not in _TOPK_OPS and isinstance(out, torch.Tensor) and out.dim() >= 2:
+                # writing the op's output once, at torch's speed: with the read above, the I/O bound
+                sink = torch.empty_like(out)
+                wt = measure(lambda: sink.fill_(0.0), **t)
+                base["write"] = {**wt.as_dict(), "bytes": sink.numel() * sink.element_size()}
+                del sink
         if "softmax" in case.baselines and p.softmax is not None:
             base["softmax"] = measure(p.softmax, **t).as_dict()
         if "torch" in case.baselines and not torch_fits:
@@ -962,6 +970,9 @@ def run_case(ws: Workspace, case: Case, opts: "Options") -> dict:
         rec["baselines"] = base
         if "roofline" in base:
             rec["roofline_ratio"] = base["roofline"]["time_s"] / tm.median
+        if "write" in base:
+            read_s = base["roofline"]["time_s"]
+            rec["io_bound_ratio"] = read_s / (read_s + base["write"]["time_s"])
         return rec
     finally:
         rec["wall_s"] = time.perf_counter() - t_case
@@ -1231,12 +1242,12 @@ def _fmt_rate(x: float | None) -> str:
 def format_table(records: list[dict]) -> str:
     """The op table: one line per record (see docs/benchmarks.md for the columns)."""
     head = ["op", "pair", "dtype", "dev", "thr", "rows", "k", "time (IQR)", "GB/s", "pos/s", "roofline",
-            "vs torch", "vs dense", "vs softmax", "backend"]
+            "I/O bound", "vs torch", "vs dense", "vs softmax", "backend"]
     lines = []
     for r in records:
         if "skipped" in r:
             lines.append([r["op"], r["pair"], r["dtype"], r["device"], str(r.get("threads") or "-"), str(r["rows"]),
-                          str(r["k"] or "-"), "skipped: " + r["skipped"][:60], "", "", "", "", "", "", ""])
+                          str(r["k"] or "-"), "skipped: " + r["skipped"][:60], "", "", "", "", "", "", "", ""])
             continue
         b = r.get("baselines", {})
         iqr = (r["q3_s"] - r["q1_s"]) / r["time_s"] * 100 if r["time_s"] else 0
@@ -1248,6 +1259,7 @@ def format_table(records: list[dict]) -> str:
                       str(r["k"] or "-"), f"{_fmt_time(r['time_s'])} ±{iqr:.0f}%", f"{r['gbps']:.1f}",
                       _fmt_rate(r["positions_per_s"]),
                       f"{r['roofline_ratio']:.2f}" if "roofline_ratio" in r else "-",
+                      f"{r['io_bound_ratio']:.2f}" if "io_bound_ratio" in r else "-",
                       vs_torch, _fmt_ratio(b.get("dense")), _fmt_ratio(b.get("softmax")), r.get("backend") or "?"])
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
     out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
