@@ -1934,42 +1934,73 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
   const T* row = reinterpret_cast<const T*>(row_ptr(x, r));
   const std::size_t cap = static_cast<std::size_t>(std::max<std::int64_t>(2 * top, 128));
   cand.clear();
-  bool have_kth = false;  // kth: the top-th value among the columns seen (once `cand` was cut to top)
+  // kth, kth_id: the top-th candidate (once `cand` was cut to top). A column ranks above it when its
+  // value is larger, or equal with a smaller id; columns ranking below it can never enter the top.
+  bool have_kth = false;
   C kth = -std::numeric_limits<C>::infinity();
+  std::int64_t kth_id = 0;
   auto cut = [&] {
     std::nth_element(cand.begin(), cand.begin() + (top - 1), cand.end());
     cand.resize(static_cast<std::size_t>(top));
-    kth = cand[static_cast<std::size_t>(top - 1)].value;  // those before it rank higher: values >= kth
+    kth = cand[static_cast<std::size_t>(top - 1)].value;
+    kth_id = cand[static_cast<std::size_t>(top - 1)].id;
     have_kth = true;
   };
+  auto push = [&](std::int64_t i) {
+    cand.push_back({to_c(row[i], C()), i});
+    if (cand.size() >= cap) cut();
+  };
+  // Pass 1 (streaming): per chunk the max, then e^x summed; each chunk's raw max is kept.
+  const std::int64_t n_chunks = (v + kChunk - 1) / kChunk;
+  std::vector<C> chunk_max(static_cast<std::size_t>(n_chunks));
   double shift = -kInf, z = 0;
   bool bad = false;
-  for (std::int64_t c0 = 0; c0 < v; c0 += kChunk) {
-    const std::int64_t n = std::min(kChunk, v - c0);
+  for (std::int64_t c = 0; c < n_chunks; ++c) {
+    const std::int64_t c0 = c * kChunk, n = std::min(kChunk, v - c0);
     RowStats<C> st;
     k.stats(row + c0, n, C(1), &st);
     if (st.nan || st.max * scale == std::numeric_limits<C>::infinity()) {  // -inf columns are fine: no mass
       bad = true;
       break;
     }
-    const C raw_max = st.max;
-    if (!have_kth || raw_max > kth) {  // ids grow along the row: a later tie with kth ranks below it
-      for (std::int64_t i = c0, end = c0 + n; i < end; ++i) {
-        if (have_kth) {
-          i += k.first_above(row + i, end - i, kth);
-          if (i == end) break;
-        }
-        cand.push_back({to_c(row[i], C()), i});
-        if (cand.size() >= cap) cut();
-      }
-    }
-    const double chunk_max = static_cast<double>(raw_max * scale);
-    if (chunk_max > shift + kSlack) {
-      const double next = static_cast<double>(static_cast<C>(chunk_max + kLead));
+    chunk_max[static_cast<std::size_t>(c)] = st.max;
+    const double scaled_max = static_cast<double>(st.max * scale);
+    if (scaled_max > shift + kSlack) {
+      const double next = static_cast<double>(static_cast<C>(scaled_max + kLead));
       if (shift > -kInf) z *= std::exp(shift - next);
       shift = next;
     }
     if (shift > -kInf) z += k.exp_store(row + c0, n, scale, static_cast<C>(shift), scratch.data());  // else all -inf
+  }
+  // Pass 2 (the row is in cache now): candidates, chunks by decreasing max. The first chunks set a
+  // high k-th value, so most others are skipped or scanned without a push (in id order, a row rising
+  // along its ids pushed every column).
+  if (!bad) {
+    std::vector<std::int32_t> visit(static_cast<std::size_t>(n_chunks));
+    for (std::int64_t c = 0; c < n_chunks; ++c) visit[static_cast<std::size_t>(c)] = static_cast<std::int32_t>(c);
+    std::sort(visit.begin(), visit.end(), [&](std::int32_t a, std::int32_t b) {
+      return chunk_max[a] > chunk_max[b] || (chunk_max[a] == chunk_max[b] && a < b);
+    });
+    for (const std::int32_t c : visit) {
+      const std::int64_t c0 = c * kChunk, end = std::min(v, c0 + kChunk);
+      if (have_kth && chunk_max[c] < kth) break;  // and so are the chunks after it
+      if (have_kth && chunk_max[c] == kth && c0 >= kth_id) continue;  // ties after kth_id rank below it
+      for (std::int64_t i = c0; i < end;) {
+        if (!have_kth) {
+          push(i++);
+          continue;
+        }
+        const bool before = i < kth_id;  // here a tie with kth ranks above it
+        if (before && kth == -std::numeric_limits<C>::infinity()) {
+          push(i++);
+          continue;
+        }
+        const std::int64_t stop = before ? std::min(end, kth_id) : end;
+        const C threshold = before ? std::nextafter(kth, -std::numeric_limits<C>::infinity()) : kth;
+        i += k.first_above(row + i, stop - i, threshold);
+        if (i < stop) push(i++);
+      }
+    }
   }
   std::int64_t* id = ids + slot * top;
   Out* o = out + slot * top;

@@ -26,14 +26,21 @@ def brute_topk(x: torch.Tensor, vocab_size: int, k: int, temperature: float = 1.
 
 
 def rows_of(vocab_size: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
-    """Rows that stress the selection: random, peaked, with many ties, rising, falling; NaN padding."""
+    """Rows that stress the selection: random, peaked, with many ties, rising, falling, a late peak
+    with earlier ties; NaN padding."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(6, vocab_size + PAD, generator=g, dtype=torch.float64) * 3
+    x = torch.randn(7, vocab_size + PAD, generator=g, dtype=torch.float64) * 3
     x[1, 1000:1010] += 25.0  # a peaked row: a few tokens hold nearly all the mass
     x[2] = torch.round(x[2] * 2) / 2  # many exact ties, also at the k-th value
     x[3, :vocab_size] = torch.linspace(-20, 20, vocab_size, dtype=torch.float64)  # rising: every column is a candidate
     x[4, :vocab_size] = torch.linspace(20, -20, vocab_size, dtype=torch.float64)
     x[5, :vocab_size] = 0.0  # all tied: the k smallest ids
+    # a late peak among ties, and the same tied value earlier in the row: the kernel visits the peak's
+    # chunk first, yet the k-th value's ties must go to the smaller ids, far before it
+    x[6, :vocab_size] = 0.0
+    x[6, vocab_size - 300: vocab_size - 100] = 1.0
+    x[6, vocab_size - 50] = 10.0
+    x[6, 5000:5200] = 1.0
     x[:, vocab_size:] = float("nan")  # padding columns are never read
     return x.to(dtype)
 
