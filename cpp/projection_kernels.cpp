@@ -35,6 +35,7 @@ using simd::f16_t;
 constexpr std::int64_t kChunk = 2048;        // grouped forward, one row: elements per max-then-exp step (L1)
 constexpr std::int64_t kBlockChunk = 512;    // grouped forward, eight rows: elements per step (8 x 2 KB in L1)
 constexpr double kDirectSumBelow = 1.0 / 8388608.0;  // 2^-23: sum a range directly below this share
+constexpr double kTinyRatio = 0x1p-120;  // log_ratio: probabilities below this take a double log
 // Masses are accumulated as e^(x/T - shift) 2^kExpBias (fast_math.h): float's range then holds
 // e^-150 .. e^25 around the shift. The range kernels use shift = row max; the grouped forward runs
 // in one pass with shift = the first chunk's max + kLead, moved to (chunk max + kLead) only when a
@@ -75,6 +76,10 @@ struct RowKernels {
   // y[i] = exp(v[i]) and y[i] = log(v[i]) (in place allowed): the sparse rows' element math.
   void (*exp_n)(const C* v, std::int64_t n, C* y);
   void (*log_n)(const C* v, std::int64_t n, C* y);
+  // out[i] = log(mass[i] / z) for masses >= 0 (log 0 = -inf): in float, log(mass * pz) + corr, with pz a
+  // power of two near 1 / z (exact scaling) and corr = log(1 / pz) - log z; in double below 2^-120
+  // (float would lose precision there), and throughout for C = double.
+  void (*log_ratio)(const double* mass, std::int64_t n, double pz, C corr, double log_z, C* out);
   // The first i < n with x[i] > threshold (unscaled), else n: the top-k scan.
   std::int64_t (*first_above)(const void* x, std::int64_t n, C threshold);
 };
@@ -177,6 +182,19 @@ void log_n_scalar(const C* v, std::int64_t n, C* y) {
   for (std::int64_t i = 0; i < n; ++i) y[i] = log_c(v[i]);
 }
 
+template <class C>
+void log_ratio_scalar(const double* mass, std::int64_t n, double pz, C corr, double log_z, C* out) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    if constexpr (std::is_same_v<C, double>) {
+      out[i] = mass[i] > 0 ? std::log(mass[i]) - log_z : -kInf;
+    } else {
+      const double m = mass[i] * pz;
+      out[i] = m > 0 && m < kTinyRatio ? static_cast<float>(std::log(mass[i]) - log_z)
+                                       : log_c(static_cast<float>(m)) + corr;
+    }
+  }
+}
+
 template <class T, class C>
 std::int64_t first_above_scalar(const void* xv, std::int64_t n, C threshold) {
   const T* x = static_cast<const T*>(xv);
@@ -189,7 +207,7 @@ std::int64_t first_above_scalar(const void* xv, std::int64_t n, C threshold) {
 template <class T, class C>
 RowKernels<C> scalar_table() {
   return {stats_scalar<T, C>, exp_store_scalar<T, C>, exp_scatter_scalar<T, C>, grouped_grad_scalar<T, C>,
-          exp_n_scalar<C>, log_n_scalar<C>, first_above_scalar<T, C>};
+          exp_n_scalar<C>, log_n_scalar<C>, log_ratio_scalar<C>, first_above_scalar<T, C>};
 }
 
 // acc[g[i] * K + (i % K)] += v[i], unrolled by 8 so the copy index is a constant displacement.
@@ -370,7 +388,7 @@ CTALIGN_TARGET_AVX2 void block8_finish_avx2(double* acc, std::int64_t n_groups, 
                                             const double* logz, float* const* out) {
   const __m256d zero = _mm256_setzero_pd();
   const __m256d p_lo = _mm256_loadu_pd(pow2), p_hi = _mm256_loadu_pd(pow2 + 4);
-  const __m256d tiny = _mm256_set1_pd(0x1p-120);  // below: the float would lose precision
+  const __m256d tiny = _mm256_set1_pd(kTinyRatio);  // below: the float would lose precision
   std::int64_t g0 = 0;
   for (; g0 + 8 <= n_groups; g0 += 8) {
     __m256 v[8];
@@ -420,6 +438,27 @@ CTALIGN_TARGET_AVX2 void log_n_avx2(const float* v, std::int64_t n, float* y) {
   log_n_scalar<float>(v + i, n - i, y + i);
 }
 
+CTALIGN_TARGET_AVX2 void log_ratio_avx2(const double* mass, std::int64_t n, double pz, float corr, double log_z,
+                                        float* out) {
+  const __m256d p = _mm256_set1_pd(pz), tiny = _mm256_set1_pd(kTinyRatio), zero = _mm256_setzero_pd();
+  const __m256 c = _mm256_set1_ps(corr);
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256d a = _mm256_mul_pd(_mm256_loadu_pd(mass + i), p);
+    const __m256d b = _mm256_mul_pd(_mm256_loadu_pd(mass + i + 4), p);
+    const int small =
+        _mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(a, tiny, _CMP_LT_OQ), _mm256_cmp_pd(a, zero, _CMP_GT_OQ))) |
+        (_mm256_movemask_pd(_mm256_and_pd(_mm256_cmp_pd(b, tiny, _CMP_LT_OQ), _mm256_cmp_pd(b, zero, _CMP_GT_OQ)))
+         << 4);
+    const __m256 f = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(a)), _mm256_cvtpd_ps(b), 1);
+    _mm256_storeu_ps(out + i, _mm256_add_ps(simd::log_avx2(f), c));
+    for (int j = 0; j < 8; ++j) {
+      if (small >> j & 1) out[i + j] = static_cast<float>(std::log(mass[i + j]) - log_z);
+    }
+  }
+  log_ratio_scalar<float>(mass + i, n - i, pz, corr, log_z, out + i);
+}
+
 template <class T>
 CTALIGN_TARGET_AVX2 void block8_grad_avx2(const void* const* rows, std::int64_t n, float scale, const std::int32_t* group,
                                           const float* a, const float* c, float* const* dx) {
@@ -466,6 +505,7 @@ CTALIGN_TARGET_AVX2 std::int64_t first_above_avx2(const void* xv, std::int64_t n
 template <class T>
 RowKernels<float> avx2_table() {
   return {stats_avx2<T>, exp_store_avx2<T>, exp_scatter_avx2<T>, grouped_grad_avx2<T>, exp_n_avx2, log_n_avx2,
+          log_ratio_avx2,
           first_above_avx2<T>};
 }
 
@@ -603,7 +643,7 @@ CTALIGN_TARGET_AVX512 void block8_finish_avx512(double* acc, std::int64_t n_grou
                                                 const float* corr, const double* logz, float* const* out) {
   const __m512d zero = _mm512_setzero_pd();
   const __m512d p8 = _mm512_loadu_pd(pow2);
-  const __m512d tiny = _mm512_set1_pd(0x1p-120);  // below: the float would lose precision
+  const __m512d tiny = _mm512_set1_pd(kTinyRatio);  // below: the float would lose precision
   __m512 corr2[4];
   for (int k = 0; k < 8; k += 2) {
     corr2[k / 2] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(corr[k])), _mm256_set1_ps(corr[k + 1]), 1);
@@ -643,6 +683,34 @@ CTALIGN_TARGET_AVX512 void block8_finish_avx512(double* acc, std::int64_t n_grou
   }
 }
 
+CTALIGN_TARGET_AVX512 void log_n_avx512(const float* v, std::int64_t n, float* y) {
+  std::int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, simd::log_avx512(_mm512_loadu_ps(v + i)));
+  log_n_scalar<float>(v + i, n - i, y + i);
+}
+
+// log_ratio_avx2 sixteen lanes wide.
+CTALIGN_TARGET_AVX512 void log_ratio_avx512(const double* mass, std::int64_t n, double pz, float corr, double log_z,
+                                            float* out) {
+  const __m512d p = _mm512_set1_pd(pz), tiny = _mm512_set1_pd(kTinyRatio), zero = _mm512_setzero_pd();
+  const __m512 c = _mm512_set1_ps(corr);
+  std::int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512d a = _mm512_mul_pd(_mm512_loadu_pd(mass + i), p);
+    const __m512d b = _mm512_mul_pd(_mm512_loadu_pd(mass + i + 8), p);
+    const unsigned small =
+        static_cast<unsigned>(_mm512_cmp_pd_mask(a, tiny, _CMP_LT_OQ) & _mm512_cmp_pd_mask(a, zero, _CMP_GT_OQ)) |
+        static_cast<unsigned>(_mm512_cmp_pd_mask(b, tiny, _CMP_LT_OQ) & _mm512_cmp_pd_mask(b, zero, _CMP_GT_OQ)) << 8;
+    const __m512 f = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(a)), _mm512_cvtpd_ps(b), 1);
+    _mm512_storeu_ps(out + i, _mm512_add_ps(simd::log_avx512(f), c));
+    for (unsigned s = small; s != 0; s &= s - 1) {
+      const int j = __builtin_ctz(s);
+      out[i + j] = static_cast<float>(std::log(mass[i + j]) - log_z);
+    }
+  }
+  log_ratio_scalar<float>(mass + i, n - i, pz, corr, log_z, out + i);
+}
+
 CTALIGN_TARGET_AVX512 void exp_n_avx512(const float* v, std::int64_t n, float* y) {
   std::int64_t i = 0;
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, simd::exp_avx512(_mm512_loadu_ps(v + i)));
@@ -665,7 +733,7 @@ CTALIGN_TARGET_AVX512 std::int64_t first_above_avx512(const void* xv, std::int64
 template <class T>
 RowKernels<float> avx512_table() {
   return {stats_avx512<T>, exp_store_avx512<T>, exp_scatter_avx512<T>, grouped_grad_avx512<T>, exp_n_avx512,
-          log_n_avx2, first_above_avx512<T>};
+          log_n_avx512, log_ratio_avx512, first_above_avx512<T>};
 }
 #endif  // CTALIGN_X86
 
@@ -946,11 +1014,24 @@ void prefix_sums(const C* e, std::int64_t m, double* s) {
 
 // Mass of sorted positions [lo, hi): the prefix difference, or the direct sum when the difference is
 // below kDirectSumBelow of its prefix (it would have lost its relative precision to cancellation).
+// Ranges of at most kShortRange positions (most of them) are summed directly either way and the
+// test picks one of the two: the test goes either way from range to range, and a mispredicted branch
+// costs more than the sum. `sorted` holds kShortRange zeros after its end (the loads past hi).
+constexpr std::int32_t kShortRange = 4;
 template <class C>
 double range_mass(const C* sorted, const double* s, std::int32_t lo, std::int32_t hi) {
-  if (hi <= lo) return 0;
+  const std::int32_t len = hi - lo;  // >= 0 (checked)
   const double d = s[hi] - s[lo];
-  if (d >= kDirectSumBelow * s[hi]) return d;
+  const bool cancelled = !(d >= kDirectSumBelow * s[hi]);
+  if (len <= kShortRange) {
+    double direct = 0;
+    for (std::int32_t i = 0; i < kShortRange; ++i) {
+      const double v = static_cast<double>(sorted[lo + i]);
+      direct += i < len ? v : 0.0;  // + 0.0 leaves the sum as it is
+    }
+    return cancelled ? direct : d;
+  }
+  if (!cancelled) return d;
   double direct = 0;
   for (std::int32_t i = lo; i < hi; ++i) direct += static_cast<double>(sorted[i]);
   return direct;
@@ -1234,20 +1315,16 @@ struct RangeScratch {
 template <class C, class Out>
 void log_masses(const RowKernels<C>& k, const double* mass, std::int64_t n, double z, std::vector<C>& buf, Out* o) {
   const double log_z = std::log(z);
-  if constexpr (std::is_same_v<C, double>) {
-    for (std::int64_t i = 0; i < n; ++i) o[i] = static_cast<Out>(mass[i] > 0 ? std::log(mass[i]) - log_z : -kInf);
+  int e = 0;
+  std::frexp(z, &e);  // z in [2^(e-1), 2^e)
+  const double pz = std::ldexp(1.0, -e);
+  const C corr = static_cast<C>(e * kLn2 - log_z);
+  if constexpr (std::is_same_v<Out, C>) {
+    k.log_ratio(mass, n, pz, corr, log_z, o);
   } else {
-    int e = 0;
-    std::frexp(z, &e);
-    const double pz = std::ldexp(1.0, -e);
-    const float corr = static_cast<float>(e * kLn2 - log_z);
     buf.resize(n);
-    for (std::int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(mass[i] * pz);
-    k.log_n(buf.data(), n, buf.data());
-    for (std::int64_t i = 0; i < n; ++i) {
-      o[i] = static_cast<Out>(buf[i] + corr);
-      if (mass[i] > 0 && mass[i] * pz < 0x1p-120) o[i] = static_cast<Out>(std::log(mass[i]) - log_z);
-    }
+    k.log_ratio(mass, n, pz, corr, log_z, buf.data());
+    for (std::int64_t i = 0; i < n; ++i) o[i] = static_cast<Out>(buf[i]);
   }
 }
 
@@ -1266,7 +1343,8 @@ void range_forward(const Logits& x, const RangeQueries& q, Out* out, Out* lse, i
   parallel_for(n_active, threads, [&](std::int64_t item, int tid) {
     RangeScratch<C>& sc = scratch[tid];
     sc.e.resize(v);
-    sc.sorted.resize(m);
+    sc.sorted.resize(m + kShortRange);
+    std::fill(sc.sorted.begin() + m, sc.sorted.end(), C(0));  // range_mass reads past the end
     sc.s.resize(m + 1);
     const std::int64_t r = byrow.active_rows[item];
     const char* row = row_ptr(x, r);

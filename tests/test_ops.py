@@ -678,6 +678,43 @@ def test_small_masses_keep_their_precision(vocab_of):
     assert_logs_close(ops.next_byte_logprobs(x, vocab)[0], bf.next_byte(bf.softmax64(x[0], V), vocab), what="next byte")
 
 
+def test_probabilities_below_2_to_the_minus_120_keep_their_precision(pair):
+    """One token ~100 nats above the rest: every other output lies near -100, below 2^-120 (-83 nats),
+    where a float log of the scaled mass would lose its precision (subnormal floats) and the kernels
+    take a double log instead. Rows 0 (an eight-row block) and 8 (a single row), on every instruction
+    set, against the float64 brute force."""
+    teacher, student, amap = pair
+    V = len(teacher)
+    x = logits_for(9, V, seed=21, scale=1.0)
+    top = next(t for t in teacher.encode(" the") if len(teacher.token_bytes(t)) > 1)
+    x[:, top] = 100.0
+    prefix = teacher.token_bytes(top)[:1]
+    node = teacher.trie.lookup(prefix)
+    decs = bf.dec_sequences(amap)
+    want = {}
+    for r in (0, 8):
+        p = bf.softmax64(x[r], V)
+        masses = bf.byte_masses(p, teacher)
+        want[r] = {"next_byte": bf.next_byte(p, teacher), "cover": bf.cover(masses, student),
+                   "project": bf.project_to_student(p, amap, teacher, student, decs),
+                   "byte_conditional": bf.byte_conditional(masses, prefix)}
+        for name, w in want[r].items():
+            w = want[r][name] = torch.as_tensor(np.asarray(w, dtype=np.float64))
+            assert int(((w > -120) & (w < -84)).sum()) > 0, f"{name}: no output in the range under test"
+    isas = ["scalar", "avx2", "avx512"]
+    try:
+        for isa in isas[: isas.index(_cpu_backend.kernel_isa()) + 1]:
+            _cpu_backend.set_kernel_isa(isa)
+            outs = {"next_byte": ops.next_byte_logprobs(x, teacher), "project": ops.project_to_student(x, amap),
+                    "cover": ops.cover_logmass(x, amap),
+                    "byte_conditional": ops.byte_conditional_logprobs(x, teacher, [0, 8], [node, node])}
+            for i, r in enumerate((0, 8)):
+                for name, w in want[r].items():
+                    assert_logs_close(outs[name][i if name == "byte_conditional" else r], w, what=f"{isa} {name} row {r}")
+    finally:
+        _cpu_backend.set_kernel_isa(None)
+
+
 @settings(max_examples=15, deadline=None)
 @given(n_rows=st.integers(1, 12), scale=st.floats(0.01, 30.0), temperature=st.floats(0.2, 5.0),
        seed=st.integers(0, 2**16))
