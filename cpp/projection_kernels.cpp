@@ -80,8 +80,9 @@ struct RowKernels {
   // power of two near 1 / z (exact scaling) and corr = log(1 / pz) - log z; in double below 2^-120
   // (float would lose precision there), and throughout for C = double.
   void (*log_ratio)(const double* mass, std::int64_t n, double pz, C corr, double log_z, C* out);
-  // The first i < n with x[i] > threshold (unscaled), else n: the top-k scan.
+  // The first i < n with x[i] > threshold, or x[i] >= threshold (unscaled), else n: the top-k scans.
   std::int64_t (*first_above)(const void* x, std::int64_t n, C threshold);
+  std::int64_t (*first_at_least)(const void* x, std::int64_t n, C threshold);
 };
 
 // Eight rows at once (SIMD float paths only). acc is [G][8] doubles, 64-byte aligned: one cache
@@ -195,11 +196,12 @@ void log_ratio_scalar(const double* mass, std::int64_t n, double pz, C corr, dou
   }
 }
 
-template <class T, class C>
+template <class T, class C, bool kOrEqual = false>
 std::int64_t first_above_scalar(const void* xv, std::int64_t n, C threshold) {
   const T* x = static_cast<const T*>(xv);
   for (std::int64_t i = 0; i < n; ++i) {
-    if (to_c(x[i], C()) > threshold) return i;
+    const C v = to_c(x[i], C());
+    if (kOrEqual ? v >= threshold : v > threshold) return i;
   }
   return n;
 }
@@ -207,7 +209,8 @@ std::int64_t first_above_scalar(const void* xv, std::int64_t n, C threshold) {
 template <class T, class C>
 RowKernels<C> scalar_table() {
   return {stats_scalar<T, C>, exp_store_scalar<T, C>, exp_scatter_scalar<T, C>, grouped_grad_scalar<T, C>,
-          exp_n_scalar<C>, log_n_scalar<C>, log_ratio_scalar<C>, first_above_scalar<T, C>};
+          exp_n_scalar<C>, log_n_scalar<C>, log_ratio_scalar<C>, first_above_scalar<T, C>,
+          first_above_scalar<T, C, true>};
 }
 
 // acc[g[i] * K + (i % K)] += v[i], unrolled by 8 so the copy index is a constant displacement.
@@ -489,24 +492,24 @@ CTALIGN_TARGET_AVX2 void block8_grad_avx2(const void* const* rows, std::int64_t 
   }
 }
 
-template <class T>
+template <class T, bool kOrEqual = false>
 CTALIGN_TARGET_AVX2 std::int64_t first_above_avx2(const void* xv, std::int64_t n, float threshold) {
+  constexpr int kCmp = kOrEqual ? _CMP_GE_OQ : _CMP_GT_OQ;
   const T* x = static_cast<const T*>(xv);
   const __m256 t = _mm256_set1_ps(threshold);
   std::int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    const int lo = _mm256_movemask_ps(_mm256_cmp_ps(simd::load8(x + i), t, _CMP_GT_OQ));
-    const int hi = _mm256_movemask_ps(_mm256_cmp_ps(simd::load8(x + i + 8), t, _CMP_GT_OQ));
+    const int lo = _mm256_movemask_ps(_mm256_cmp_ps(simd::load8(x + i), t, kCmp));
+    const int hi = _mm256_movemask_ps(_mm256_cmp_ps(simd::load8(x + i + 8), t, kCmp));
     if (lo | hi) return i + __builtin_ctz(static_cast<unsigned>(lo | (hi << 8)));
   }
-  return i + first_above_scalar<T, float>(x + i, n - i, threshold);
+  return i + first_above_scalar<T, float, kOrEqual>(x + i, n - i, threshold);
 }
 
 template <class T>
 RowKernels<float> avx2_table() {
   return {stats_avx2<T>, exp_store_avx2<T>, exp_scatter_avx2<T>, grouped_grad_avx2<T>, exp_n_avx2, log_n_avx2,
-          log_ratio_avx2,
-          first_above_avx2<T>};
+          log_ratio_avx2, first_above_avx2<T>, first_above_avx2<T, true>};
 }
 
 // ---- AVX-512 primitives ---------------------------------------------------------------------
@@ -717,23 +720,24 @@ CTALIGN_TARGET_AVX512 void exp_n_avx512(const float* v, std::int64_t n, float* y
   exp_n_scalar<float>(v + i, n - i, y + i);
 }
 
-template <class T>
+template <class T, bool kOrEqual = false>
 CTALIGN_TARGET_AVX512 std::int64_t first_above_avx512(const void* xv, std::int64_t n, float threshold) {
+  constexpr int kCmp = kOrEqual ? _CMP_GE_OQ : _CMP_GT_OQ;
   const T* x = static_cast<const T*>(xv);
   const __m512 t = _mm512_set1_ps(threshold);
   std::int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const unsigned lo = _mm512_cmp_ps_mask(simd::load16(x + i), t, _CMP_GT_OQ);
-    const unsigned hi = _mm512_cmp_ps_mask(simd::load16(x + i + 16), t, _CMP_GT_OQ);
+    const unsigned lo = _mm512_cmp_ps_mask(simd::load16(x + i), t, kCmp);
+    const unsigned hi = _mm512_cmp_ps_mask(simd::load16(x + i + 16), t, kCmp);
     if (lo | hi) return i + __builtin_ctz(lo | (hi << 16));
   }
-  return i + first_above_scalar<T, float>(x + i, n - i, threshold);
+  return i + first_above_scalar<T, float, kOrEqual>(x + i, n - i, threshold);
 }
 
 template <class T>
 RowKernels<float> avx512_table() {
   return {stats_avx512<T>, exp_store_avx512<T>, exp_scatter_avx512<T>, grouped_grad_avx512<T>, exp_n_avx512,
-          log_n_avx512, log_ratio_avx512, first_above_avx512<T>};
+          log_n_avx512, log_ratio_avx512, first_above_avx512<T>, first_above_avx512<T, true>};
 }
 #endif  // CTALIGN_X86
 
@@ -2050,9 +2054,11 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
     }
     if (shift > -kInf) z += k.exp_store(row + c0, n, scale, static_cast<C>(shift), scratch.data());  // else all -inf
   }
-  // Pass 2 (the row is in cache now): candidates, chunks by decreasing max. The first chunks set a
-  // high k-th value, so most others are skipped or scanned without a push (in id order, a row rising
-  // along its ids pushed every column).
+  // Pass 2 (the row is likely still in L2 or L3): candidates, chunks by decreasing max. The first
+  // chunks set a high k-th value, so most others are scanned without a push, and the pass stops at
+  // the first chunk whose max is below it (in id order, a row rising along its ids pushed every
+  // column). Ties with kth before kth_id are found with >=, not > nextafter(kth): with subnormals
+  // flushed to zero (torch.set_flush_denormal), nextafter(0, -inf) compares equal to 0.
   if (!bad) {
     std::vector<std::int32_t> visit(static_cast<std::size_t>(n_chunks));
     for (std::int64_t c = 0; c < n_chunks; ++c) visit[static_cast<std::size_t>(c)] = static_cast<std::int32_t>(c);
@@ -2069,13 +2075,8 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
           continue;
         }
         const bool before = i < kth_id;  // here a tie with kth ranks above it
-        if (before && kth == -std::numeric_limits<C>::infinity()) {
-          push(i++);
-          continue;
-        }
         const std::int64_t stop = before ? std::min(end, kth_id) : end;
-        const C threshold = before ? std::nextafter(kth, -std::numeric_limits<C>::infinity()) : kth;
-        i += k.first_above(row + i, stop - i, threshold);
+        i += (before ? k.first_at_least : k.first_above)(row + i, stop - i, kth);
         if (i < stop) push(i++);
       }
     }

@@ -95,13 +95,13 @@ void range_logmass_backward(const Logits& x, const RangeQueries& q, const Out* o
 // a row has fewer than k finite ones); rows holding NaN or +inf (also after / T), or only -inf: lse
 // and outputs NaN, ids 0..k-1.
 // Cost per output: one streaming read of its row (per 2048 columns, in L1: a max pass and e^x
-// summed), then a second read from cache that visits the 2048-column chunks by decreasing max: a
-// chunk whose max is below the k-th value so far is skipped, the others get a vector scan for the
-// columns ranking above it. Those go to a buffer of max(2k, 128) candidates, cut back to k by
-// nth_element when full. The first chunks visited hold the row's largest values, so few columns
-// are pushed: about k ln(V / k) for rows in random order, at most one chunk for rows sorted either
-// way (a single pass in id order pushed every column of a rising row: 650 ms instead of 10 ms for
-// 256 x 152k). O(V + k log k). ids, out: [n_out, k].
+// summed), then a second read (from L2 or L3) that visits the 2048-column chunks by decreasing max,
+// stopping at the first chunk whose max is below the k-th value so far; the chunks visited get a
+// vector scan for the columns ranking above it. Those go to a buffer of max(2k, 128) candidates,
+// cut back to k by nth_element when full. The first chunks visited hold the row's largest values,
+// so few columns are pushed: about k ln(V / k) for rows in random order, about max(k, 2048) for
+// rows sorted either way (a single pass in id order pushed every column of a rising row: 650 ms
+// instead of 10 ms for 256 x 152k). O(V + k log k). ids, out: [n_out, k].
 template <class Out>
 void topk_logprobs(const Logits& x, const std::int64_t* rows, std::int64_t n_out, std::int64_t k, std::int64_t* ids,
                    Out* out, Out* lse, int n_threads);

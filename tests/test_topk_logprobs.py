@@ -104,6 +104,31 @@ def test_property_small_rows_with_ties(n_rows, vocab_size, k_share, levels, temp
                           "reference")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_ties_at_zero_with_subnormals_flushed(dtype):
+    """Zeros with a late peak: the peak's chunk is visited first, so the k-th value is 0 and the tied
+    zeros before it must still win on their smaller ids, also with flush-to-zero on (where the float
+    just below 0 reads as 0)."""
+    x = torch.zeros(3, 4096 + PAD, dtype=dtype)
+    x[:, 3000] = 1.0
+    x[1, :100] = -0.0
+    x[2, 2048:] = -float("inf")
+    x[2, 3000] = 1.0
+    x[:, 4096:] = float("nan")
+    want_ids, want_lp = brute_topk(x, 4096, 3)
+    isas = ["scalar", "avx2", "avx512"]
+    try:
+        for flush in (False, True):
+            torch.set_flush_denormal(flush)
+            for isa in isas[: isas.index(_cpu_backend.kernel_isa()) + 1]:
+                _cpu_backend.set_kernel_isa(isa)
+                assert_topk_equal(ops.topk_logprobs(x, 3, vocab_size=4096), want_ids, want_lp,
+                                  f"{isa} flush={flush}")
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
+        _cpu_backend.set_kernel_isa(None)
+
+
 def test_negative_infinity_columns_have_no_mass():
     x = torch.full((3, 40), float("-inf"))
     x[0, [5, 9, 30]] = torch.tensor([1.0, 3.0, 2.0])  # three finite columns, k = 5
