@@ -16,7 +16,7 @@
 // count as zero mass. Group outputs take a float log of the group probability (a double log below
 // 2^-120). Range sums come from double prefix sums over the sorted order; a range whose mass is below
 // 2^-23 of its prefix is summed directly instead, so small masses keep full relative precision
-// (cost: the length of such ranges; ranges of up to 4 positions are summed either way, which costs
+// (cost: the length of such ranges; ranges of up to 2 positions are summed either way, which costs
 // less than the branch that would choose).
 //
 // Costs, per row of V columns (threads over rows, instruction set chosen at run time):
