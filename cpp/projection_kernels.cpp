@@ -2009,12 +2009,22 @@ struct Ranked {
   bool operator<(const Ranked& o) const { return value > o.value || (value == o.value && id < o.id); }
 };
 
+// A thread's buffers for topk_row, reused from row to row.
+template <class C>
+struct TopKScratch {
+  std::vector<Ranked<C>> cand;          // candidates (value, id)
+  std::vector<C> e = std::vector<C>(kChunk);  // one chunk's e^x (the sum is what is kept)
+  std::vector<C> chunk_max;             // each chunk's raw max
+  std::vector<std::int32_t> visit;      // chunks in the order pass 2 visits them
+};
+
 template <class T, class C, class Out>
 void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int64_t slot, std::int64_t top, C scale,
-              std::vector<Ranked<C>>& cand, std::vector<C>& scratch, std::int64_t* ids, Out* out, Out* lse) {
+              TopKScratch<C>& sc, std::int64_t* ids, Out* out, Out* lse) {
   const std::int64_t v = x.vocab_size;
   const T* row = reinterpret_cast<const T*>(row_ptr(x, r));
   const std::size_t cap = static_cast<std::size_t>(std::max<std::int64_t>(2 * top, 128));
+  std::vector<Ranked<C>>& cand = sc.cand;
   cand.clear();
   // kth, kth_id: the top-th candidate (once `cand` was cut to top). A column ranks above it when its
   // value is larger, or equal with a smaller id; columns ranking below it can never enter the top.
@@ -2034,7 +2044,8 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
   };
   // Pass 1 (streaming): per chunk the max, then e^x summed; each chunk's raw max is kept.
   const std::int64_t n_chunks = (v + kChunk - 1) / kChunk;
-  std::vector<C> chunk_max(static_cast<std::size_t>(n_chunks));
+  std::vector<C>& chunk_max = sc.chunk_max;
+  chunk_max.resize(static_cast<std::size_t>(n_chunks));
   double shift = -kInf, z = 0;
   bool bad = false;
   for (std::int64_t c = 0; c < n_chunks; ++c) {
@@ -2052,7 +2063,7 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
       if (shift > -kInf) z *= std::exp(shift - next);
       shift = next;
     }
-    if (shift > -kInf) z += k.exp_store(row + c0, n, scale, static_cast<C>(shift), scratch.data());  // else all -inf
+    if (shift > -kInf) z += k.exp_store(row + c0, n, scale, static_cast<C>(shift), sc.e.data());  // else all -inf
   }
   // Pass 2 (the row is likely still in L2 or L3): candidates, chunks by decreasing max. The first
   // chunks set a high k-th value, so most others are scanned without a push, and the pass stops at
@@ -2060,7 +2071,8 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
   // column). Ties with kth before kth_id are found with >=, not > nextafter(kth): with subnormals
   // flushed to zero (torch.set_flush_denormal), nextafter(0, -inf) compares equal to 0.
   if (!bad) {
-    std::vector<std::int32_t> visit(static_cast<std::size_t>(n_chunks));
+    std::vector<std::int32_t>& visit = sc.visit;
+    visit.resize(static_cast<std::size_t>(n_chunks));
     for (std::int64_t c = 0; c < n_chunks; ++c) visit[static_cast<std::size_t>(c)] = static_cast<std::int32_t>(c);
     std::sort(visit.begin(), visit.end(), [&](std::int32_t a, std::int32_t b) {
       return chunk_max[a] > chunk_max[b] || (chunk_max[a] == chunk_max[b] && a < b);
@@ -2110,20 +2122,19 @@ void topk_forward(const Logits& x, const std::int64_t* rows, std::int64_t n_out,
   const std::int64_t rows_per_item = std::max<std::int64_t>(1, kRowsWork / x.vocab_size);
   const std::int64_t n_items = (n_out + rows_per_item - 1) / rows_per_item;
   const int threads = thread_count(n_threads, n_out * x.vocab_size);
-  std::vector<std::vector<Ranked<C>>> cand_of(threads);
-  std::vector<std::vector<C>> scratch_of(threads, std::vector<C>(kChunk));
+  std::vector<TopKScratch<C>> scratch_of(threads);
   parallel_for(n_items, threads, [&](std::int64_t item, int tid) {
     const std::int64_t i_end = std::min(n_out, (item + 1) * rows_per_item);
     for (std::int64_t i = item * rows_per_item; i < i_end; ++i) {
       const std::int64_t r = rows ? rows[i] : i;
       if constexpr (std::is_same_v<C, double>) {
-        topk_row<double, C, Out>(k, x, r, i, top, scale, cand_of[tid], scratch_of[tid], ids, out, lse);
+        topk_row<double, C, Out>(k, x, r, i, top, scale, scratch_of[tid], ids, out, lse);
       } else if (x.type == ElemType::bf16) {
-        topk_row<bf16_t, C, Out>(k, x, r, i, top, scale, cand_of[tid], scratch_of[tid], ids, out, lse);
+        topk_row<bf16_t, C, Out>(k, x, r, i, top, scale, scratch_of[tid], ids, out, lse);
       } else if (x.type == ElemType::f16) {
-        topk_row<f16_t, C, Out>(k, x, r, i, top, scale, cand_of[tid], scratch_of[tid], ids, out, lse);
+        topk_row<f16_t, C, Out>(k, x, r, i, top, scale, scratch_of[tid], ids, out, lse);
       } else {
-        topk_row<float, C, Out>(k, x, r, i, top, scale, cand_of[tid], scratch_of[tid], ids, out, lse);
+        topk_row<float, C, Out>(k, x, r, i, top, scale, scratch_of[tid], ids, out, lse);
       }
     }
   });
