@@ -1466,6 +1466,10 @@ def plot(result: dict, path: str | os.PathLike) -> None:
         roof = [r.get("roofline_ratio", float("nan")) for r in table]
         ax.barh([v - 0.2 for v in y], vs_torch, height=0.4, color="C0", label="speed-up over pure torch")
         ax.barh([v + 0.2 for v in y], roof, height=0.4, color="C2", label="share of the roofline")
+        bound = [(v + 0.2, r["io_bound_ratio"]) for v, r in zip(y, table) if "io_bound_ratio" in r]
+        if bound:
+            ax.scatter([b for _, b in bound], [v for v, _ in bound], marker="|", s=60, color="k", zorder=3,
+                       label="I/O bound (read logits + write output)")
         ax.set_yticks(y)
         ax.set_yticklabels(names, fontsize=7)
         ax.invert_yaxis()
@@ -1477,7 +1481,7 @@ def plot(result: dict, path: str | os.PathLike) -> None:
         ax.grid(True, axis="x", which="both", alpha=0.3)
     else:
         ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set_title("op table (lines at 0.5x roofline, 1x, 5x torch)")
+    ax.set_title("op table (lines at 0.5x roofline, 1x, 5x torch; ticks: I/O bound)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
