@@ -1309,27 +1309,22 @@ void grouped_backward(const Logits& x, const std::int32_t* group, std::int32_t n
 
 template <class C>
 struct RangeScratch {
-  std::vector<C> e, sorted, logs;
+  std::vector<C> e, sorted;
   std::vector<double> s, mass;
 };
 
-// o[i] = log(mass[i]) - log z. Float outputs: the vector log of the float mass[i] 2^-e (z in
-// [2^(e-1), 2^e), so the argument is about a probability) plus e ln2 - log z; masses whose scaled
-// value is below 2^-120 are redone in double. Double outputs: libm.
+// o[i] = log(mass[i]) - log z (RowKernels::log_ratio). Float outputs: the vector log of the float
+// mass[i] 2^-e (z in [2^(e-1), 2^e), so the argument is about a probability) plus e ln2 - log z;
+// masses whose scaled value is below 2^-120 are redone in double. Double outputs: libm. Outputs are
+// in the compute type C on every path.
 template <class C, class Out>
-void log_masses(const RowKernels<C>& k, const double* mass, std::int64_t n, double z, std::vector<C>& buf, Out* o) {
+void log_masses(const RowKernels<C>& k, const double* mass, std::int64_t n, double z, Out* o) {
+  static_assert(std::is_same_v<Out, C>, "outputs are in the compute type");
   const double log_z = std::log(z);
   int e = 0;
   std::frexp(z, &e);  // z in [2^(e-1), 2^e)
   const double pz = std::ldexp(1.0, -e);
-  const C corr = static_cast<C>(e * kLn2 - log_z);
-  if constexpr (std::is_same_v<Out, C>) {
-    k.log_ratio(mass, n, pz, corr, log_z, o);
-  } else {
-    buf.resize(n);
-    k.log_ratio(mass, n, pz, corr, log_z, buf.data());
-    for (std::int64_t i = 0; i < n; ++i) o[i] = static_cast<Out>(buf[i]);
-  }
+  k.log_ratio(mass, n, pz, static_cast<C>(e * kLn2 - log_z), log_z, o);
 }
 
 template <class C, class Out>
@@ -1373,7 +1368,7 @@ void range_forward(const Logits& x, const RangeQueries& q, Out* out, Out* lse, i
         continue;
       }
       for (std::int64_t c = 0; c < cols; ++c) sc.mass[c] = range_mass(sc.sorted.data(), sc.s.data(), lo[c], hi[c]);
-      log_masses(k, sc.mass.data(), cols, z, sc.logs, o);
+      log_masses(k, sc.mass.data(), cols, z, o);
     }
     lse[r] = static_cast<Out>(bad ? kNaN : shift + std::log(z) - kBias<C> * kLn2);
   });
@@ -1567,7 +1562,7 @@ void trie_forward(const Logits& x, const TrieQueries& q, Out* out, Out* lse, int
       const std::int64_t n = static_cast<std::int64_t>(sc.mass.size());
       sc.mass.push_back(end_mass);
       logs.resize(n + 1);
-      log_masses(k, sc.mass.data(), n + 1, den, sc.logs, logs.data());
+      log_masses(k, sc.mass.data(), n + 1, den, logs.data());
       const std::int32_t* kids = q.trie.child_node + q.trie.child_start[node];
       for (std::int64_t c = 0; c < n; ++c) o[q.trie.node_symbol[kids[c]]] = logs[c];
       if (!q.drop_end) o[width - 1] = logs[n];
