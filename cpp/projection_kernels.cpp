@@ -1018,9 +1018,9 @@ void prefix_sums(const C* e, std::int64_t m, double* s) {
 
 // Mass of sorted positions [lo, hi): the prefix difference, or the direct sum when the difference is
 // below kDirectSumBelow of its prefix (it would have lost its relative precision to cancellation).
-// Ranges of at most kShortRange positions (most cover ranges) are summed directly either way and the
-// test picks one of the two: the test goes either way from range to range, and a mispredicted branch
-// costs more than the sum. `sorted` holds kShortRange zeros after its end (the loads past hi).
+// Ranges of at most kShortRange positions are summed directly either way and the test picks one of
+// the two: the test goes either way from range to range, and a mispredicted branch costs more than
+// the sum. `sorted` holds kShortRange zeros after its end (the loads past hi).
 constexpr std::int32_t kShortRange = 2;  // 4: 67-71 ms, 8: 74-75 ms, 2: 61-64 ms (cover, 64 rows, 1 thread)
 template <class C>
 double range_mass(const C* sorted, const double* s, std::int32_t lo, std::int32_t hi) {
