@@ -226,26 +226,36 @@ def test_targets_are_distributions_in_the_general_regime():
 # ---------------------------------------------------------------------------------------------
 # brute-force values
 # ---------------------------------------------------------------------------------------------
-def test_uld_matches_bruteforce_and_topk_covering_is_exact():
+def uld_case(teacher_seed: int, student_seed: int):
+    """mistral-v1 -> botchan-bpe batch, random logits of both sides, and the loss masks with the first
+    position off (it has no previous logits row): (b, Vt, Vs, t, s, sm, tm)."""
     amap = get_map("mistral-v1", "botchan-bpe")
     b = batch("mistral-v1", "botchan-bpe")
     Vt, Vs = amap.n_teacher, amap.n_student
-    t = logits_for(b, "teacher", Vt, 7)
-    s = logits_for(b, "student", Vs + 2, 8, grad=True)
+    t = logits_for(b, "teacher", Vt, teacher_seed)
+    s = logits_for(b, "student", Vs + 2, student_seed, grad=True)
     sm, tm = b["student_loss_mask"].clone(), b["teacher_loss_mask"].clone()
     sm[:, 0] = False
     tm[:, 0] = False
-    # brute force, positional: i-th target of each side
-    w1, n_pairs = 0.0, 0
+    return b, Vt, Vs, t, s, sm, tm
+
+
+def paired_targets(sm, tm):
+    """(row, student position, teacher position): the i-th target of each side, positionally."""
     for r in range(sm.shape[0]):
-        sj = torch.nonzero(sm[r]).flatten().tolist()
-        tk = torch.nonzero(tm[r]).flatten().tolist()
-        for j, k in zip(sj, tk):
-            ps = np.sort(torch.softmax(s[r, j - 1, :Vs].double(), -1).detach().numpy())[::-1]
-            pt = np.sort(torch.softmax(t[r, k - 1, :Vt].double(), -1).numpy())[::-1]
-            ps = np.pad(ps, (0, Vt - Vs))
-            w1 += np.abs(ps - pt).sum()
-            n_pairs += 1
+        for j, k in zip(torch.nonzero(sm[r]).flatten().tolist(), torch.nonzero(tm[r]).flatten().tolist()):
+            yield r, j, k
+
+
+def test_uld_matches_bruteforce_and_topk_covering_is_exact():
+    b, Vt, Vs, t, s, sm, tm = uld_case(7, 8)
+    w1, n_pairs = 0.0, 0
+    for r, j, k in paired_targets(sm, tm):
+        ps = np.sort(torch.softmax(s[r, j - 1, :Vs].double(), -1).detach().numpy())[::-1]
+        pt = np.sort(torch.softmax(t[r, k - 1, :Vt].double(), -1).numpy())[::-1]
+        ps = np.pad(ps, (0, Vt - Vs))
+        w1 += np.abs(ps - pt).sum()
+        n_pairs += 1
     ids = b["student_input_ids"]
     ce = -sum(float(torch.log_softmax(s.detach()[r, j - 1, :Vs].double(), -1)[ids[r, j]])
               for r, j in torch.nonzero(sm).tolist()) / int(sm.sum())
@@ -264,23 +274,15 @@ def test_uld_matches_bruteforce_and_topk_covering_is_exact():
 def test_uld_top_k_equals_its_definition_with_gradients():
     """top_k: the k largest probabilities of each side sorted, L1, plus |tail_s - tail_t| (by definition,
     torch.topk over softmaxes in float64), value and gradient, a real pair of different families."""
-    amap = get_map("mistral-v1", "botchan-bpe")
-    b = batch("mistral-v1", "botchan-bpe")
-    Vt, Vs = amap.n_teacher, amap.n_student
-    t = logits_for(b, "teacher", Vt, 11)
-    s = logits_for(b, "student", Vs + 2, 12, grad=True)
-    sm, tm = b["student_loss_mask"].clone(), b["teacher_loss_mask"].clone()
-    sm[:, 0] = False
-    tm[:, 0] = False
+    b, Vt, Vs, t, s, sm, tm = uld_case(11, 12)
     k, T = 24, 1.3
     total, n_pairs = 0.0, 0
     s64 = s.detach().double().requires_grad_()
-    for r in range(sm.shape[0]):
-        for j, kk in zip(torch.nonzero(sm[r]).flatten().tolist(), torch.nonzero(tm[r]).flatten().tolist()):
-            ps = torch.softmax(s64[r, j - 1, :Vs] / T, -1).topk(k).values
-            pt = torch.softmax(t[r, kk - 1, :Vt].double() / T, -1).topk(k).values
-            total = total + (ps - pt).abs().sum() + ((1 - ps.sum()) - (1 - pt.sum())).abs()
-            n_pairs += 1
+    for r, j, kk in paired_targets(sm, tm):
+        ps = torch.softmax(s64[r, j - 1, :Vs] / T, -1).topk(k).values
+        pt = torch.softmax(t[r, kk - 1, :Vt].double() / T, -1).topk(k).values
+        total = total + (ps - pt).abs().sum() + ((1 - ps.sum()) - (1 - pt.sum())).abs()
+        n_pairs += 1
     want = total / n_pairs
     want.backward()
     got = L.uld_loss(s, t, b["student_input_ids"], top_k=k, temperature=T, ce_weight=0.0, student_mask=sm,
@@ -293,12 +295,11 @@ def test_uld_top_k_equals_its_definition_with_gradients():
     vals, idx = torch.topk(torch.log_softmax(t[..., :Vt].double(), -1), 40, dim=-1)
     total = 0.0
     s64 = s.detach().double().requires_grad_()
-    for r in range(sm.shape[0]):
-        for j, kk in zip(torch.nonzero(sm[r]).flatten().tolist(), torch.nonzero(tm[r]).flatten().tolist()):
-            ps = torch.softmax(s64[r, j - 1, :Vs] / T, -1).topk(k).values
-            kept = torch.log_softmax(vals[r, kk - 1] / T, -1) + torch.logsumexp(vals[r, kk - 1], -1)
-            pt = kept.exp().topk(k).values
-            total = total + (ps - pt).abs().sum() + ((1 - ps.sum()) - (1 - pt.sum())).abs()
+    for r, j, kk in paired_targets(sm, tm):
+        ps = torch.softmax(s64[r, j - 1, :Vs] / T, -1).topk(k).values
+        kept = torch.log_softmax(vals[r, kk - 1] / T, -1) + torch.logsumexp(vals[r, kk - 1], -1)
+        pt = kept.exp().topk(k).values
+        total = total + (ps - pt).abs().sum() + ((1 - ps.sum()) - (1 - pt.sum())).abs()
     s.grad = None
     got = L.uld_loss(s, TopK(idx, vals.float()), b["student_input_ids"], top_k=k, temperature=T, ce_weight=0.0,
                      student_mask=sm, teacher_mask=tm, student_vocab_size=Vs)
