@@ -1,5 +1,5 @@
 // AlignmentMap: the teacher -> student map (docs/ARCHITECTURE.md, "Alignment map"; definitions in
-// shared/notes/design.md, "BPE merge recursion and the teacher -> student map").
+// docs/design.md, "Decomposition", "Cover" and "Regimes").
 //
 // Inputs: the teacher's TokenTable and byte trie, the student's TokenTable, and dec_S for every
 // teacher token (the student's own tokenization of the token's bytes, computed by the student's

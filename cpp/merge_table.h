@@ -1,5 +1,5 @@
 // MergeTable: the BPE merge recursion of a vocabulary and a compiled BPE encoder over raw bytes
-// (docs/ARCHITECTURE.md, "Modules"; shared/notes/design.md, "BPE merge recursion").
+// (docs/ARCHITECTURE.md, "Modules"; docs/design.md, "Regimes" (merge trees)).
 //
 // Two ways to know which adjacent pair of pieces merges, and with what priority ("rank", lower first):
 //   from_merges: an HF merge list (left id, right id) in rank order; pair (a, b) merges iff it is in

@@ -1,5 +1,5 @@
 // SequenceTrie: a trie over symbol sequences stored as ranges of one sorted order
-// (docs/ARCHITECTURE.md, "SequenceTrie"; definitions in shared/notes/design.md).
+// (docs/ARCHITECTURE.md, "SequenceTrie"; definitions in docs/design.md, "Tries as ranges").
 //
 // Input: n sequences in CSR (offsets int64[n+1], symbols uint8[] or int32[], each symbol in
 // [0, n_symbols)) and member uint8[n]. Members are the ids with member = 1 and a non-empty sequence.

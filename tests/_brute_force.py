@@ -1,4 +1,4 @@
-"""Brute-force definitions of the projection ops (shared/notes/design.md), the tests' ground truth.
+"""Brute-force definitions of the projection ops (docs/design.md), the tests' ground truth.
 
 Every quantity is a loop over the teacher vocabulary with ``token_bytes`` and ``dec_S`` in float64:
 no tries, sorted orders or torch. A prefix's mass is accumulated by walking every token's own

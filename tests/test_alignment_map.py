@@ -1,5 +1,5 @@
 """The teacher -> student map on real tokenizer pairs across families, against brute-force
-definitions (design note: cover, dec_S, first_student, regimes), and the saved artifact."""
+definitions (docs/design.md: cover, dec_S, first_student, regimes), and the saved artifact."""
 from __future__ import annotations
 
 import hashlib
