@@ -5,7 +5,7 @@ pure-torch path measured in the same run.
 For each problem (op x vocabulary x dtype x rows) it times, with CUDA events (median of repeats,
 after warm-up), on the same logits tensor:
 
-- the CUDA kernel (``ctalign._cuda_backend``, one entry per kernel variant asked for);
+- the CUDA kernel (``ctalign.ops._cuda_backend``, one entry per kernel variant asked for);
 - the roofline: ``torch.sum(logits, -1)``, which reads the logits once;
 - the fastest pure-torch formulation (``ctalign.reference`` with float32 and float64 accumulation,
   and a softmax + ``index_add_`` / ``cumsum`` formulation).
@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from ctalign import _cuda_backend as cb
+from ctalign.ops import _cuda_backend as cb
 from ctalign import assets, ops, reference
 
 

@@ -1,4 +1,4 @@
-"""CUDA kernels (ctalign._cuda via ctalign._cuda_backend) against the float64 pure-torch reference
+"""CUDA kernels (ctalign._cuda via ctalign.ops._cuda_backend) against the float64 pure-torch reference
 and the CPU kernels, on real tokenizers.
 
 Tests marked ``cuda`` need a CUDA GPU and the built module; they are skipped elsewhere. The first
@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from ctalign import _cuda_backend as cb
+from ctalign.ops import _cuda_backend as cb
 from ctalign import ops, reference
 
 TOL = 1e-5          # log-space absolute error allowed (fp32, bf16 and fp16 inputs alike)

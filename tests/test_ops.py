@@ -15,7 +15,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ctalign import _core, _cpu_backend, ops
+from ctalign import _core, ops
+from ctalign.ops import _cpu_backend
 from ctalign.errors import MapMismatchError, NonFiniteLogitsError
 from ctalign.ops import TopK
 

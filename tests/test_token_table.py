@@ -187,7 +187,7 @@ def test_non_contiguous_input_is_accepted():
 
 
 def test_load_vocab_agrees_with_direct_parse():
-    """ctalign.load_vocab (python/ctalign/vocab.py) gives the same id -> bytes table as these parsers."""
+    """ctalign.load_vocab (python/ctalign/vocab/) gives the same id -> bytes table as these parsers."""
     vocab_mod = pytest.importorskip("ctalign.vocab")
     from ctalign import assets
     specs = {"gpt2": (assets.path("gpt2-encoder"), assets.path("gpt2-merges")), "llama3": assets.path("llama3"),

@@ -7,7 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from ctalign import _cpu_backend, ops
+from ctalign import ops
+from ctalign.ops import _cpu_backend
 from ctalign.ops import TopK
 
 TOL = 1e-5

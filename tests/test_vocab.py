@@ -516,7 +516,7 @@ def test_gpt2_directory(tmp_path):
 
 
 def test_tiktoken_with_explicit_pattern(tmp_path, corpus_text):
-    from ctalign._vocab_tiktoken import CL100K_PATTERN
+    from ctalign.vocab.tiktoken_ranks import CL100K_PATTERN
     shutil.copy(vocab_spec("cl100k"), tmp_path / "mine.tiktoken")
     v = load_vocab(tmp_path / "mine.tiktoken", pattern=CL100K_PATTERN, specials={"<|endoftext|>": 100256})
     cl = get_test_vocab("cl100k")

@@ -20,7 +20,7 @@ _LAZY = {
     "AlignmentMap": ("ctalign.alignment_map", "AlignmentMap"),
     "TopK": ("ctalign.ops", "TopK"),
     "ops": ("ctalign.ops", None),
-    "reference": ("ctalign.reference", None),
+    "reference": ("ctalign.ops.reference", None),
     "losses": ("ctalign.losses", None),
     "align": ("ctalign.align", None),
     "data": ("ctalign.data", None),

@@ -2,7 +2,7 @@
 
 The student of likelihood scoring on the edge: it tokenizes every text exactly as the teacher does,
 with each teacher token unrolled down its merge tree to student tokens, so the teacher -> student
-map is in the ``subset`` regime (design note, "BPE merge recursion").
+map is in the ``subset`` regime (``docs/design.md``, "Regimes").
 
     >>> info = shrink_vocab("asset:llama3", 8000, "out/llama3-8k")   # doctest: +SKIP
     >>> load_vocab("out/llama3-8k").kind                              # doctest: +SKIP
@@ -137,7 +137,7 @@ def shrink_vocab(teacher, vocab_size: int, out_dir, *, pattern: str | None = Non
     tokens: the teacher's byte tokens and first merges; specials kept after them. ``teacher``: a
     Vocab or a ``load_vocab`` spec (``asset:NAME`` too). Returns a summary dict."""
     from ctalign.alignment_map import _load
-    from ctalign.vocab import gpt2_alphabet
+    from ctalign.vocab.base import gpt2_alphabet
 
     say = progress or (lambda _m: None)
     say(f"loading teacher {teacher}")

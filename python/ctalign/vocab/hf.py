@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ctalign.errors import VocabError
-from ctalign.vocab import Backend, Vocab, assign_roles, gpt2_alphabet, gpt2_token_bytes
+from ctalign.vocab.base import Backend, Vocab, assign_roles, gpt2_alphabet, gpt2_token_bytes
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPACE_MARK = "\u2581"  # ▁
@@ -47,7 +47,7 @@ def load_json_file(path: Path, *, name: str) -> Vocab:
     if isinstance(data, dict) and isinstance(data.get("model"), dict):
         return load_hf_tokenizer(path, text, data, name=name)
     if isinstance(data, dict) and "config" in data and isinstance(data.get("vocab"), list):
-        from ctalign._vocab_tiktoken import load_tekken
+        from ctalign.vocab.tiktoken_ranks import load_tekken
         return load_tekken(path, data, name=name)
     if isinstance(data, dict) and data and all(isinstance(v, int) for v in data.values()):
         for merges in ("vocab.bpe", "merges.txt"):

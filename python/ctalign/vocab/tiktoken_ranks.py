@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ctalign.errors import VocabError
-from ctalign.vocab import Backend, Vocab, assign_roles
+from ctalign.vocab.base import Backend, Vocab, assign_roles
 
 # Split patterns of the public encodings (tiktoken_ext.openai_public, Qwen, Whisper, Meta Llama 3).
 R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ctalign.errors import VocabError
-from ctalign.vocab import Backend, Vocab, assign_roles
+from ctalign.vocab.base import Backend, Vocab, assign_roles
 
 _SPACE_MARK = "\u2581"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

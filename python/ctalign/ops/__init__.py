@@ -3,7 +3,7 @@
     >>> lp = ops.next_byte_logprobs(teacher_logits, teacher_vocab)          # [..., 257]  # doctest: +SKIP
     >>> q = ops.project_to_student(teacher_logits, amap)                    # [..., V_s + 1]  # doctest: +SKIP
 
-Definitions: ``shared/notes/design.md``; kernel contract: ``docs/ARCHITECTURE.md``. Every op takes
+Definitions: ``docs/design.md``; kernel contract: ``docs/ARCHITECTURE.md``. Every op takes
 logits ``[..., W]`` (``W >= `` the teacher vocabulary; padding columns ignored; float32, bfloat16,
 float16 or float64) or sparse rows :class:`TopK`, and returns log-probabilities with one extra last
 column, ``end``:
@@ -24,8 +24,8 @@ Conditionals telescope: along a teacher token ``t`` with bytes ``b_1..b_L``,
 ids with the same bytes, e.g. SentencePiece's ``▁`` and ``<0x20>``); the same holds for
 ``project_to_student`` and ``project_to_student_within`` along ``dec_S(t)``.
 
-Dispatch: CPU tensors run the compiled kernels (``ctalign._cpu_backend``), CUDA tensors the CUDA
-module when it is built (``ctalign._cuda_backend``; float64 stays on the pure-torch path there), any
+Dispatch: CPU tensors run the compiled kernels (``ctalign.ops._cpu_backend``), CUDA tensors the CUDA
+module when it is built (``ctalign.ops._cuda_backend``; float64 stays on the pure-torch path there), any
 other case the pure-torch :mod:`ctalign.reference`. :func:`last_backend` names the backend of the
 last call (``cpu``, ``cuda``, ``reference`` or ``topk``). Sparse rows cost O(k log k) per row plus
 the output: compiled on CPU (their backward differentiates the pure-torch path), pure torch on any
@@ -51,14 +51,19 @@ map object, per device, so a training loop copies them to the device once.
 from __future__ import annotations
 
 import contextlib
-import weakref
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
-from ctalign import _cpu_backend, reference
-from ctalign.errors import MapMismatchError, NonFiniteLogitsError
+from ctalign.ops import _cpu_backend, reference
+from ctalign.ops._autograd import (_CompiledSparseOutput, _GroupedLogmass, _RangeLogmass, _TopKGrouped,
+                                  _TopKLogprobs, _TrieConditional)
+from ctalign.ops._checks import _check_temperature, _compiled_call, _dense_rows, _index_arg, _topk_rows
+from ctalign.ops._tables import (_byte_trie, _check_map_vocabs, _map_tables, _Tables, _trie_fields_of,  # noqa: F401
+                                 _trie_tables)
+from ctalign.ops._types import TopK
+from ctalign.errors import NonFiniteLogitsError
 
 __all__ = [
     "TopK", "next_byte_logprobs", "byte_conditional_logprobs", "project_to_student",
@@ -68,22 +73,10 @@ __all__ = [
 #: Check logits for NaN/inf on CUDA too (one host synchronisation per call); CPU checks are free.
 check_finite = True
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _last_backend: str | None = None
 _forced_backend: str | None = None
 
 
-class TopK(NamedTuple):
-    """Sparse teacher rows: the ``k`` kept token ids of each row and their log-probabilities.
-
-    ``indices``: int64 (or int32) ``[..., k]``, distinct per row, each ``< len(vocabulary)``;
-    ``logprobs``: float ``[..., k]`` on the same device, used as given (the missing tail is not
-    renormalised; ``-inf`` entries are allowed and count as zero mass). Every op accepts a ``TopK``
-    in place of dense logits and then costs O(k log k) per row plus the output size.
-    """
-
-    indices: torch.Tensor
-    logprobs: torch.Tensor
 
 
 def last_backend() -> str | None:
@@ -109,11 +102,11 @@ def force_backend(name: str | None):
 _cuda_backend_module: Any = None
 
 
-def _cuda_backend():
+def _usable_cuda_backend():
     global _cuda_backend_module
     if _cuda_backend_module is None:
         try:
-            from ctalign import _cuda_backend as mod
+            from ctalign.ops import _cuda_backend as mod
             _cuda_backend_module = mod if mod.available() else False
         except Exception:  # not built, or no usable device: the reference serves CUDA tensors
             _cuda_backend_module = False
@@ -125,7 +118,7 @@ def _backend_for(x: torch.Tensor):
     if name is None:
         if x.device.type == "cpu" and _cpu_backend.available():
             name = "cpu"
-        elif x.device.type == "cuda" and x.dtype != torch.float64 and _cuda_backend() is not None:
+        elif x.device.type == "cuda" and x.dtype != torch.float64 and _usable_cuda_backend() is not None:
             name = "cuda"
         else:
             name = "reference"
@@ -134,249 +127,17 @@ def _backend_for(x: torch.Tensor):
             raise ValueError("the CPU kernels (ctalign._core) are not available")
         return _cpu_backend, name
     if name == "cuda":
-        mod = _cuda_backend()
+        mod = _usable_cuda_backend()
         if mod is None:
             raise ValueError("the CUDA kernels (ctalign._cuda) are not available")
         return mod, name
     return reference, "reference"
 
 
-class _GroupedLogmass(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, backend, vocab_size, group, n_groups, temperature):
-        out, lse = backend.grouped_logmass(x, vocab_size, group, n_groups, temperature)
-        out, lse = out.to(x.device), lse.to(x.device)
-        ctx.save_for_backward(x, group, out, lse)
-        ctx.args = (backend, vocab_size, n_groups, temperature)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_lse):
-        x, group, out, lse = ctx.saved_tensors
-        backend, vocab_size, n_groups, temperature = ctx.args
-        grad = backend.grouped_logmass_backward(x, vocab_size, group, n_groups, temperature, out, lse,
-                                                grad_out.to(out.dtype).contiguous())
-        return grad.to(x.device, x.dtype), None, None, None, None, None
-
-
-class _RangeLogmass(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, backend, vocab_size, order, rows, lo, hi, temperature):
-        out, lse = backend.range_logmass(x, vocab_size, order, rows, lo, hi, temperature)
-        out, lse = out.to(x.device), lse.to(x.device)
-        ctx.save_for_backward(x, order, rows, lo, hi, out, lse)
-        ctx.args = (backend, vocab_size, temperature)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_lse):
-        x, order, rows, lo, hi, out, lse = ctx.saved_tensors
-        backend, vocab_size, temperature = ctx.args
-        grad = backend.range_logmass_backward(x, vocab_size, order, rows, lo, hi, temperature, out, lse,
-                                              grad_out.to(out.dtype).contiguous())
-        return grad.to(x.device, x.dtype), None, None, None, None, None, None, None
-
-
-class _TrieConditional(torch.autograd.Function):
-    """Dense CPU rows: next-symbol log-probabilities below trie nodes, computed by one kernel from the
-    node's children (no [Q, children] range tables: a root query has one child per first symbol)."""
-
-    @staticmethod
-    def forward(ctx, x, vocab_size, order, trie_nodes, rows, nodes, width, drop_end, temperature):
-        out, lse = _cpu_backend.trie_conditional_logprobs(x, vocab_size, order, trie_nodes, rows, nodes, width,
-                                                          drop_end, temperature)
-        ctx.save_for_backward(x, order, rows, nodes)
-        ctx.args = (vocab_size, trie_nodes, width, drop_end, temperature)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_lse):
-        x, order, rows, nodes = ctx.saved_tensors
-        vocab_size, trie_nodes, width, drop_end, temperature = ctx.args
-        grad = _cpu_backend.trie_conditional_logprobs_backward(x, vocab_size, order, trie_nodes, rows, nodes, width,
-                                                               drop_end, temperature,
-                                                               grad_out.to(_cpu_backend._out_dtype(x)).contiguous())
-        return grad.to(x.dtype), None, None, None, None, None, None, None, None
-
-
-class _CompiledSparseOutput(torch.autograd.Function):
-    """Sparse rows to a sparse output on CPU (groups, trie conditionals, cover): the compiled forward
-    ``kernel(indices, logprobs, *kernel_args) -> (ids, out)``; the backward differentiates the torch
-    path, which lists the same ids in the same order."""
-
-    @staticmethod
-    def forward(ctx, logprobs, indices, kernel, torch_path, kernel_args):
-        ctx.save_for_backward(logprobs, indices)
-        ctx.torch_path = torch_path
-        ids, out = kernel(indices, logprobs, *kernel_args)
-        ctx.mark_non_differentiable(ids)
-        return ids, out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, _grad_ids, grad_out):
-        logprobs, indices = ctx.saved_tensors
-        with torch.enable_grad():
-            lp = logprobs.detach().requires_grad_()
-            out = ctx.torch_path(TopK(indices, lp)).logprobs
-            (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
-        return grad, None, None, None, None
-
-
-class _TopKGrouped(torch.autograd.Function):
-    """Sparse rows on CPU: the compiled forward; the backward differentiates the reference (O(k))."""
-
-    @staticmethod
-    def forward(ctx, logprobs, indices, vocab_size, group, n_groups, temperature):
-        ctx.save_for_backward(logprobs, indices, group)
-        ctx.args = (n_groups, temperature)
-        return _cpu_backend.topk_grouped_logmass(indices, logprobs, vocab_size, group, n_groups, temperature)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        logprobs, indices, group = ctx.saved_tensors
-        n_groups, temperature = ctx.args
-        with torch.enable_grad():
-            lp = logprobs.detach().requires_grad_()
-            out = reference.topk_grouped_logmass(indices, lp, group, n_groups, temperature)
-            (grad,) = torch.autograd.grad(out, lp, grad_out.to(out.dtype))
-        return grad, None, None, None, None, None
-
-
-class _TopKLogprobs(torch.autograd.Function):
-    """Compiled top-k of dense CPU rows; the backward is the softmax's: d lp_j / d x_i = (1[i = j] - p_i) / T."""
-
-    @staticmethod
-    def forward(ctx, x, vocab_size, rows, k, temperature):
-        ids, lp, lse = _cpu_backend.topk_logprobs(x, vocab_size, rows, k, temperature)
-        ctx.save_for_backward(x, ids, lse)
-        ctx.args = (vocab_size, rows, temperature)
-        ctx.mark_non_differentiable(ids, lse)
-        return ids, lp, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, _grad_ids, grad_lp, _grad_lse):
-        x, ids, lse = ctx.saved_tensors
-        vocab_size, rows, temperature = ctx.args
-        grad = _cpu_backend.topk_logprobs_backward(x, vocab_size, rows, ids, temperature, lse,
-                                                   grad_lp.to(lse.dtype).contiguous())
-        return grad.to(x.dtype), None, None, None, None
-
-
 def _compiled_topk(idx: torch.Tensor) -> bool:
     return idx.device.type == "cpu" and _forced_backend in (None, "cpu") and _cpu_backend.available()
 
-
 # ---- argument checks -----------------------------------------------------------------------------
-def _check_temperature(op: str, temperature) -> float:
-    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
-        temperature = float(temperature)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"{op}: temperature must be a number, got {type(temperature).__name__}")
-    t = float(temperature)
-    if not (t > 0 and np.isfinite(t)):
-        raise ValueError(f"{op}: temperature must be finite and > 0, got {temperature}")
-    return t
-
-
-def _dense_rows(op: str, logits, n_tokens: int, what: str):
-    """logits [..., W] -> ([N, W] with a contiguous last dim, leading shape)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{op}: logits must be a torch.Tensor or a ctalign.TopK, got {type(logits).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: logits dtype {logits.dtype} is not float32, bfloat16, float16 or float64")
-    if logits.dim() < 1:
-        raise ValueError(f"{op}: logits must have a last (vocabulary) dimension, got a scalar")
-    width = logits.shape[-1]
-    if width < n_tokens:
-        raise ValueError(f"{op}: logits width {width} is smaller than {what} ({n_tokens} tokens)")
-    x = logits.reshape(-1, width)
-    if width > 1 and x.stride(-1) != 1:
-        x = x.contiguous()
-    return x, tuple(logits.shape[:-1])
-
-
-def _topk_rows(op: str, topk: TopK, n_tokens: int, what: str, *, deep: bool = True):
-    """TopK [..., k] -> (indices int64 [N, k], logprobs [N, k], leading shape), validated (`deep`:
-    ids in range and distinct, no NaN/+inf; the compiled CPU path checks those itself)."""
-    indices, logprobs = topk
-    if not isinstance(indices, torch.Tensor) or not isinstance(logprobs, torch.Tensor):
-        raise TypeError(f"{op}: TopK.indices and TopK.logprobs must be torch tensors")
-    if indices.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{op}: TopK.indices must be int64 or int32, got {indices.dtype}")
-    if logprobs.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: TopK.logprobs dtype {logprobs.dtype} is not float32, bfloat16, float16 or float64")
-    if indices.shape != logprobs.shape or indices.dim() < 1:
-        raise ValueError(f"{op}: TopK.indices {tuple(indices.shape)} and TopK.logprobs {tuple(logprobs.shape)} "
-                         f"must have the same shape [..., k]")
-    if indices.device != logprobs.device:
-        raise ValueError(f"{op}: TopK.indices is on {indices.device} but TopK.logprobs on {logprobs.device}")
-    k = indices.shape[-1]
-    if k == 0:
-        raise ValueError(f"{op}: TopK rows must keep at least one entry (got k = 0, shape {tuple(indices.shape)})")
-    idx = indices.reshape(-1, k).to(torch.int64)
-    lp = logprobs.reshape(-1, k)
-    if deep and idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= n_tokens:
-            bad = (idx < 0) | (idx >= n_tokens)
-            row = int(bad.any(dim=-1).nonzero()[0])
-            raise ValueError(f"{op}: TopK row {row}: index {int(idx[bad][0])} is not a token id of {what} "
-                             f"({n_tokens} tokens)")
-        if k > 1:
-            s = idx.sort(dim=-1).values
-            dup = s[:, 1:] == s[:, :-1]
-            if bool(dup.any()):
-                row = int(dup.any(dim=-1).nonzero()[0])
-                raise ValueError(f"{op}: TopK row {row} lists a token id more than once")
-        bad = torch.isnan(lp) | (lp == float("inf"))
-        if bool(bad.any()):
-            row = int(bad.any(dim=-1).nonzero()[0])
-            raise ValueError(f"{op}: TopK.logprobs row {row} holds NaN or +inf")
-    return idx, lp, tuple(indices.shape[:-1])
-
-
-def _index_arg(op: str, name: str, values, upper: int, device: torch.device, what: str) -> torch.Tensor:
-    """A 1-d int64 tensor of ids in [0, upper) on `device` (lists, numpy and CPU tensors are moved)."""
-    if isinstance(values, torch.Tensor):
-        t = values
-        if t.device != device and t.device.type != "cpu":
-            raise ValueError(f"{op}: {name} is on {t.device} but the logits are on {device}")
-    else:
-        try:
-            arr = np.asarray(values)
-            t = torch.as_tensor(arr.astype(np.int64) if arr.size == 0 else arr)  # [] has no integer dtype of its own
-        except Exception as e:
-            raise TypeError(f"{op}: {name} must be a sequence of ints, got {type(values).__name__}") from e
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{op}: {name} must hold integer ids, got dtype {t.dtype}")
-    if t.dim() != 1:
-        raise ValueError(f"{op}: {name} must be 1-d, got shape {tuple(t.shape)}")
-    t = t.to(device, torch.int64)
-    if t.numel():
-        bad = (t < 0) | (t >= upper)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise ValueError(f"{op}: {name}[{i}] = {int(t[i])} is outside [0, {upper}) ({what})")
-    return t
-
-
-def _compiled_call(op: str, fn, *args):
-    """Runs a compiled sparse-row kernel; its row errors (ValueError) get the op's name."""
-    try:
-        return fn(*args)
-    except ValueError as e:
-        raise ValueError(f"{op}: {e}") from None
-
-
 def _raise_nonfinite(op: str, bad_rows: torch.Tensor) -> None:
     if bool(bad_rows.any()):
         r = int(bad_rows.nonzero()[0])
@@ -400,139 +161,6 @@ def _check_rows_finite(op: str, x: torch.Tensor, n_tokens: int, lse: torch.Tenso
         keep = torch.zeros_like(bad).index_fill(0, rows, True)
         bad = bad & keep
     _raise_nonfinite(op, bad)
-
-
-# ---- cached tables -------------------------------------------------------------------------------
-_TABLE_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-_TABLE_CACHE_STRONG: dict[int, tuple[Any, dict]] = {}
-
-
-def _cache_of(obj) -> dict:
-    store = getattr(obj, "__dict__", None)
-    if isinstance(store, dict):
-        return store.setdefault("_ctalign_op_tables", {})
-    try:
-        return _TABLE_CACHE.setdefault(obj, {})
-    except TypeError:
-        return _TABLE_CACHE_STRONG.setdefault(id(obj), (obj, {}))[1]
-
-
-class _Tables:
-    """Integer tables of one trie / map as torch tensors: host copies plus one copy per device."""
-
-    def __init__(self, host: dict[str, torch.Tensor], **sizes: int):
-        self.host = host
-        self.sizes = sizes
-        self._on: dict[torch.device, dict[str, torch.Tensor]] = {torch.device("cpu"): host}
-
-    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
-        d = self._on.get(device)
-        if d is None:
-            d = {k: v.to(device) for k, v in self.host.items()}
-            self._on[device] = d
-        return d
-
-    def derived(self, name: str, device: torch.device, build) -> torch.Tensor:
-        """A table computed on first use from the host tables (``build(host) -> tensor``), then kept
-        with the others (host copy plus one per device)."""
-        if name not in self.host:
-            self.host[name] = build(self.host)
-        d = self.on(device)
-        if name not in d:
-            d[name] = self.host[name].to(device)
-        return d[name]
-
-    def __getattr__(self, name: str) -> int:
-        try:
-            return self.__dict__["sizes"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-_TRIE_FIELDS = ("order", "rank", "first_symbol", "node_lo", "node_hi", "node_end", "child_start", "child_node",
-                "node_symbol")
-
-
-def _trie_tables(fields: dict[str, np.ndarray], n_symbols: int) -> _Tables:
-    def t(name, dtype):
-        return torch.from_numpy(np.array(fields[name], copy=True)).to(dtype)
-
-    host = {
-        "order": t("order", torch.int32),
-        "rank": t("rank", torch.int64),
-        "group": t("first_symbol", torch.int32),
-        "node_lo": t("node_lo", torch.int64),
-        "node_hi": t("node_hi", torch.int64),
-        "node_end": t("node_end", torch.int64),
-        "child_start": t("child_start", torch.int64),
-        "child_node": t("child_node", torch.int64),
-        "node_symbol": t("node_symbol", torch.int64),
-    }
-    tables = _Tables(host, n_tokens=len(fields["rank"]), n_members=len(fields["order"]),
-                     n_nodes=len(fields["node_lo"]), n_symbols=n_symbols)
-    tables.nodes_np = tuple(np.ascontiguousarray(fields[f], dtype=np.int32) for f in (
-        "child_start", "child_node", "node_lo", "node_hi", "node_end", "node_symbol"))
-    return tables
-
-
-def _trie_fields_of(trie) -> dict[str, np.ndarray]:
-    out = {}
-    for f in _TRIE_FIELDS:
-        v = getattr(trie, f)
-        out[f] = np.asarray(v() if callable(v) else v)
-    return out
-
-
-def _byte_trie(vocab) -> _Tables:
-    """Teacher byte-trie tables of a Vocab, an AlignmentMap (its teacher side) or a trie object."""
-    cache = _cache_of(vocab)
-    tables = cache.get("byte_trie")
-    if tables is None:
-        if callable(getattr(vocab, "trie_arrays", None)):
-            fields = {f: np.asarray(a) for f, a in vocab.trie_arrays("teacher_trie").items()}
-        elif hasattr(vocab, "node_lo") and hasattr(vocab, "order"):
-            fields = _trie_fields_of(vocab)
-        elif hasattr(vocab, "trie"):
-            fields = _trie_fields_of(vocab.trie)
-        else:
-            raise TypeError(f"expected a Vocab, an AlignmentMap or a byte SequenceTrie, got {type(vocab).__name__}")
-        n_symbols = int(getattr(vocab, "n_symbols", 256) if hasattr(vocab, "node_lo") else 256)
-        if n_symbols != 256:
-            raise ValueError(f"expected a byte trie (256 symbols), got one over {n_symbols} symbols")
-        tables = cache["byte_trie"] = _trie_tables(fields, 256)
-    return tables
-
-
-def _map_tables(amap) -> tuple[_Tables, _Tables, _Tables]:
-    """(map tables, teacher byte trie, dec trie) of an AlignmentMap."""
-    if not (hasattr(amap, "first_student") and callable(getattr(amap, "trie_arrays", None))):
-        raise TypeError(f"expected an AlignmentMap (ctalign.build_map), got {type(amap).__name__}")
-    cache = _cache_of(amap)
-    tables = cache.get("map")
-    if tables is None:
-        first_student = np.asarray(amap.first_student)
-        cover_lo, cover_hi = np.asarray(amap.cover_lo), np.asarray(amap.cover_hi)
-        n_student = len(cover_lo)
-        host = {
-            "group": torch.from_numpy(np.array(first_student, copy=True)).to(torch.int32),
-            "cover_lo": torch.from_numpy(np.array(cover_lo, copy=True)).to(torch.int32).reshape(1, -1),
-            "cover_hi": torch.from_numpy(np.array(cover_hi, copy=True)).to(torch.int32).reshape(1, -1),
-        }
-        tables = cache["map"] = _Tables(host, n_teacher=len(first_student), n_student=n_student)
-        dec = {f: np.asarray(a) for f, a in amap.trie_arrays("dec_trie").items()}
-        cache["dec_trie"] = _trie_tables(dec, max(n_student, 1))
-    return tables, _byte_trie(amap), cache["dec_trie"]
-
-
-def _check_map_vocabs(op: str, amap, teacher, student) -> None:
-    for side, vocab, expected in (("teacher", teacher, getattr(amap, "teacher_fingerprint", None)),
-                                  ("student", student, getattr(amap, "student_fingerprint", None))):
-        if vocab is None or expected is None:
-            continue
-        got = getattr(vocab, "fingerprint", None)
-        if got != expected:
-            raise MapMismatchError(f"{op}: the map was built for another {side} vocabulary than "
-                                   f"{getattr(vocab, 'name', vocab)!r} (fingerprints differ)")
 
 
 # ---- generic grouped / range calls ---------------------------------------------------------------

@@ -1,0 +1,268 @@
+"""ULD (Boizard et al., 2024): the sorted-probability distance between the student and teacher
+next-token distributions, over aligned token pairs (positional or byte-aligned).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ctalign.losses._common import (_rows_device, _ops, _check_reduction, _check_temperature, _check_logits,
+                                    _check_ids, _fit, _token_mask, _check_alignment_ids, _alignment_lengths,
+                                    _check_target_ids, _shifted_ce, _Terms, _teacher_rows, _is_topk,
+                                    _select_rows)
+
+
+def _pairs_positional(s_target: torch.Tensor, t_target: torch.Tensor):
+    """(b, j) and (b, k) of the i-th target token of each side, i < min(counts) per row."""
+    sb, sj = torch.nonzero(s_target, as_tuple=True)
+    tb, tk = torch.nonzero(t_target, as_tuple=True)
+    ns = s_target.sum(1)
+    nt = t_target.sum(1)
+    n = torch.minimum(ns, nt)
+    s_rank = torch.cumsum(s_target.long(), 1)[sb, sj] - 1
+    t_rank = torch.cumsum(t_target.long(), 1)[tb, tk] - 1
+    keep_s = s_rank < n[sb]
+    keep_t = t_rank < n[tb]
+    return (sb[keep_s], sj[keep_s]), (tb[keep_t], tk[keep_t])
+
+
+def _rank_in_group(b: torch.Tensor, g: torch.Tensor, width: int) -> torch.Tensor:
+    """Rank of each element among those with the same (b, g), in input order (input sorted by b, pos)."""
+    if b.numel() == 0:
+        return b.clone()
+    key = b * (width + 1) + g
+    order = torch.argsort(key, stable=True)
+    ks = key[order]
+    start = torch.ones_like(ks, dtype=torch.bool)
+    start[1:] = ks[1:] != ks[:-1]
+    idx = torch.arange(ks.numel(), device=ks.device)
+    first = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), 0).values
+    rank_sorted = idx - first
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    return rank
+
+
+def _pairs_byte(s_target, t_target, s_chunk, t_chunk):
+    """Pairs the i-th target token of each side inside the same chunk (the groups between common
+    boundaries)."""
+    s_ok = s_target & (s_chunk >= 0)
+    t_ok = t_target & (t_chunk >= 0)
+    sb, sj = torch.nonzero(s_ok, as_tuple=True)
+    tb, tk = torch.nonzero(t_ok, as_tuple=True)
+    sc = s_chunk[sb, sj]
+    tc = t_chunk[tb, tk]
+    C = int(max(sc.max().item() if sc.numel() else 0, tc.max().item() if tc.numel() else 0)) + 1
+    sr = _rank_in_group(sb, sc, C)
+    tr = _rank_in_group(tb, tc, C)
+    R = int(max(sr.max().item() if sr.numel() else 0, tr.max().item() if tr.numel() else 0)) + 1
+    s_key = (sb * C + sc) * R + sr
+    t_key = (tb * C + tc) * R + tr
+    common = torch.sort(s_key[torch.isin(s_key, t_key)]).values
+    s_order = torch.argsort(s_key)
+    t_order = torch.argsort(t_key)
+    si = s_order[torch.searchsorted(s_key[s_order], common)]
+    ti = t_order[torch.searchsorted(t_key[t_order], common)]
+    return (sb[si], sj[si]), (tb[ti], tk[ti])
+
+
+def _sorted_probs(x: torch.Tensor, k: int | None, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Descending probabilities of logits rows [N, V] (top k of them) and the tail mass."""
+    p = torch.softmax(x.float() / temperature, -1)
+    if k is None or k >= p.shape[-1]:
+        return torch.sort(p, -1, descending=True).values, None
+    top = torch.topk(p, k, -1, sorted=True).values
+    return top, (1.0 - top.sum(-1)).clamp_min(0.0)
+
+
+def _check_paired_rows(x: torch.Tensor, b: torch.Tensor, j: torch.Tensor, side: str, temperature: float,
+                       length: int) -> None:
+    """The compiled path's rule on the torch path: a paired row holding NaN or +inf, only -inf, or
+    overflowing at the temperature raises (one max per row; skipped on CUDA with ops.check_finite off)."""
+    if x.device.type == "cuda" and not _ops().check_finite:
+        return
+    bad = ~torch.isfinite(x.float().amax(-1) / temperature)
+    if bool(bad.any()):
+        from ctalign.errors import NonFiniteLogitsError
+        i = int(bad.nonzero()[0])
+        raise NonFiniteLogitsError(f"uld_loss: {side} logits at batch {int(b[i])}, position {int(j[i])} hold NaN or "
+                                   f"+inf, only -inf, or overflow at temperature {temperature}",
+                                   int(b[i]) * length + int(j[i]))
+
+
+def _compiled_top_probs(logits: torch.Tensor, rows: torch.Tensor, k: int, vocab_size: int, temperature: float,
+                        side: str, length: int) -> torch.Tensor:
+    """Descending top-k probabilities of the given rows of logits [B, L, W] (flattened row ids), by the
+    compiled ops.topk_logprobs; a non-finite row is reported by (batch, position) and side."""
+    from ctalign.errors import NonFiniteLogitsError
+    try:
+        lp = _ops().topk_logprobs(logits, k, rows=rows, vocab_size=vocab_size, temperature=temperature).logprobs
+    except NonFiniteLogitsError as e:
+        b, j = divmod(e.row, length)
+        raise NonFiniteLogitsError(f"uld_loss: {side} logits at batch {b}, position {j} hold NaN or +inf, only "
+                                   f"-inf, or overflow at temperature {temperature}", e.row) from None
+    return lp.float().exp()
+
+
+def _sorted_topk_rows(rows, k: int | None, temperature: float):
+    """Same as _sorted_probs for a TopK (sparse teacher rows, log-probs as given)."""
+    from ctalign.ops.reference import tempered_logprobs
+    lp = tempered_logprobs(rows.logprobs.float(), temperature)  # the kept mass stays as given, as in the ops
+    p = lp.exp()
+    kk = p.shape[-1] if k is None else min(k, p.shape[-1])
+    top = torch.topk(p, kk, -1, sorted=True).values
+    return top, (1.0 - top.sum(-1)).clamp_min(0.0)
+
+
+def _uld_distance(ps: torch.Tensor, tail_s, pt: torch.Tensor, tail_t) -> torch.Tensor:
+    n = max(ps.shape[-1], pt.shape[-1])
+    if ps.shape[-1] < n:
+        ps = F.pad(ps, (0, n - ps.shape[-1]))
+    if pt.shape[-1] < n:
+        pt = F.pad(pt, (0, n - pt.shape[-1]))
+    d = (ps - pt).abs().sum(-1)
+    if tail_s is not None or tail_t is not None:
+        ts = tail_s if tail_s is not None else torch.zeros_like(d)
+        tt = tail_t if tail_t is not None else torch.zeros_like(d)
+        d = d + (ts - tt).abs()
+    return d
+
+
+def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, alignment=None,
+             student_mask=None, teacher_mask=None, align: str = "positional", uld_weight: float = 1.0,
+             ce_weight: float = 1.0, top_k: int | None = None, temperature: float = 1.0,
+             student_vocab_size: int | None = None, teacher_vocab_size: int | None = None,
+             reduction: str = "mean", chunk_size: int = 256) -> torch.Tensor:
+    """Universal Logit Distillation: ``ce_weight x CE + uld_weight x W1(sorted p_student, sorted p_teacher)``.
+
+    W1 under uniform cost between two distributions over unrelated supports is the L1 distance of
+    their probability vectors sorted in decreasing order, the shorter one padded with zeros.
+
+    ``align='positional'`` (the paper): the i-th target token of the student is paired with the i-th
+    target token of the teacher (both sides' masks select e.g. the response), i < min of the counts.
+    ``align='byte'``: the i-th target token of each side *within the same chunk* (the groups between
+    common boundaries, ``alignment.s_chunk``/``t_chunk``); tokens beyond the shorter group are not
+    paired. With identical tokenizations both pairings coincide.
+
+    ``top_k``: sort only the top k probabilities of each side and add ``|tail_s - tail_t|`` (the
+    masses outside the top k). This *drops* the L1 distance inside the tails beyond the difference of
+    their totals (a lower bound of it, by the triangle inequality); exact when k covers both
+    vocabularies. A sparse teacher (``TopK`` rows, ``[B, Lt, k]``) is used as given.
+
+    On CPU with ``top_k`` below both vocabularies, the top k of dense rows comes from
+    :func:`ctalign.ops.topk_logprobs` on the paired rows in place (one compiled pass per row, no
+    softmax, no gathered row copies; its backward is once-differentiable: ``ops.force_backend
+    ("reference")`` gives the pure-torch path for higher-order gradients). A sparse teacher's kept
+    entries are used as given; at ``temperature`` T they are reshaped keeping their total mass (as in
+    :mod:`ctalign.ops`), so its tail stays the mass the rows leave out.
+
+    Paired rows holding NaN or +inf, only -inf, or overflowing at ``temperature`` raise
+    :class:`~ctalign.errors.NonFiniteLogitsError` naming the side, batch and position (-inf entries
+    alone are fine: masked tokens).
+
+    ``teacher_logits``: ``[B, Lt, Wt]`` or ``TopK``. ``chunk_size``: pairs scored per step by the
+    torch path (memory).
+    """
+    _check_reduction(reduction)
+    temperature = _check_temperature(temperature)
+    if align not in ("positional", "byte"):
+        raise ValueError(f"align must be 'positional' or 'byte', got {align!r}")
+    if top_k is not None:
+        top_k = int(top_k)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    Vs = _check_logits(student_logits, "student logits", student_vocab_size)
+    B, Ls, _ = student_logits.shape
+    sparse_teacher = _is_topk(teacher_logits)
+    if sparse_teacher:
+        B_t, Lt = teacher_logits.indices.shape[:2]
+        Vt = None
+    else:
+        Vt = _check_logits(teacher_logits, "teacher logits", teacher_vocab_size)
+        B_t, Lt = teacher_logits.shape[:2]
+    if B_t != B:
+        raise ValueError(f"teacher batch {B_t} != student batch {B}")
+    ids = _check_ids(student_ids, "student_ids", (B, Ls), Vs).to(student_logits.device)
+    _check_alignment_ids(alignment, ids, "student")
+    dev = student_logits.device
+    s_t = _token_mask(student_mask, _alignment_lengths(alignment, "student"), (B, Ls), dev)
+    t_t = _token_mask(teacher_mask, _alignment_lengths(alignment, "teacher"), (B, Lt), dev)
+    if align == "byte":
+        if alignment is None:
+            raise ValueError("align='byte' needs the alignment (ctalign.align.align) of the two tokenizations")
+        (sb, sj), (tb, tk) = _pairs_byte(s_t, t_t, _fit(alignment.s_chunk.to(dev), Ls, -1),
+                                         _fit(alignment.t_chunk.to(dev), Lt, -1))
+    else:
+        (sb, sj), (tb, tk) = _pairs_positional(s_t, t_t)
+    terms = _Terms(student_logits)
+    if ce_weight != 0.0:
+        terms.add(ce_weight, _shifted_ce(student_logits, ids, Vs, s_t), s_t.sum())
+    else:
+        _check_target_ids(ids, Vs, s_t)  # the CE pass (skipped) would have refused them
+    w1 = student_logits.new_zeros((B, Ls), dtype=torch.float32)
+    compiled = (top_k is not None and top_k < Vs and (sparse_teacher or top_k < Vt)
+                and _ops().uses_compiled_kernels(student_logits)
+                and (sparse_teacher or _ops().uses_compiled_kernels(teacher_logits)))
+    if uld_weight != 0.0 and sb.numel() and compiled:
+        # CPU: both sides' top k from the paired rows in place (no softmax, no gathered row copies)
+        t_rows, _, _ = _teacher_rows(teacher_logits)
+        t_flat_idx = (tb * Lt + (tk - 1)).to(_rows_device(t_rows))
+        ps = _compiled_top_probs(student_logits, sb * Ls + (sj - 1), top_k, Vs, temperature, "student", Ls)
+        if sparse_teacher:
+            pt, tail_t = _sorted_topk_rows(_select_rows(t_rows, t_flat_idx), top_k, temperature)
+        else:
+            pt = _compiled_top_probs(teacher_logits.detach(), t_flat_idx, top_k, Vt, temperature, "teacher", Lt)
+            tail_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
+        tail_s = (1.0 - ps.sum(-1)).clamp_min(0.0)
+        w1 = w1.index_put((sb, sj), _uld_distance(ps, tail_s, pt.to(dev), tail_t.to(dev)))
+    elif uld_weight != 0.0 and sb.numel():
+        t_rows, _, _ = _teacher_rows(teacher_logits)
+        t_flat_idx = tb * Lt + (tk - 1)
+        vals = []
+        for lo in range(0, sb.numel(), chunk_size):
+            hi = min(lo + chunk_size, sb.numel())
+            xs = student_logits[sb[lo:hi], sj[lo:hi] - 1, :Vs]
+            _check_paired_rows(xs, sb[lo:hi], sj[lo:hi] - 1, "student", temperature, Ls)
+            ps, tail_s = _sorted_probs(xs, top_k, temperature)
+            rows = _select_rows(t_rows, t_flat_idx[lo:hi].to(_rows_device(t_rows)))
+            if sparse_teacher:
+                pt, tail_t = _sorted_topk_rows(rows, top_k, temperature)
+                pt, tail_t = pt.to(dev), tail_t.to(dev)
+            else:
+                _check_paired_rows(rows[:, :Vt], tb[lo:hi], tk[lo:hi] - 1, "teacher", temperature, Lt)
+                pt, tail_t = _sorted_probs(rows[:, :Vt].to(dev), top_k, temperature)
+            if top_k is not None and not sparse_teacher and top_k >= max(Vs, Vt):
+                tail_s = tail_t = None
+            vals.append(_uld_distance(ps, tail_s, pt, tail_t))
+        w1 = w1.index_put((sb, sj), torch.cat(vals))
+    terms.add(uld_weight, w1, sb.numel())
+    return terms.reduce(reduction)
+
+
+
+class ULDLoss(nn.Module):
+    """Module form of :func:`uld_loss` (same arguments; the weights and options fixed here)."""
+
+    def __init__(self, *, align: str = "positional", uld_weight: float = 1.0, ce_weight: float = 1.0,
+                 top_k: int | None = None, temperature: float = 1.0, student_vocab_size: int | None = None,
+                 teacher_vocab_size: int | None = None, reduction: str = "mean"):
+        super().__init__()
+        _check_reduction(reduction)
+        if align not in ("positional", "byte"):
+            raise ValueError(f"align must be 'positional' or 'byte', got {align!r}")
+        self.align, self.uld_weight, self.ce_weight, self.top_k = align, uld_weight, ce_weight, top_k
+        self.temperature = _check_temperature(temperature)
+        self.student_vocab_size, self.teacher_vocab_size, self.reduction = student_vocab_size, teacher_vocab_size, reduction
+
+    def forward(self, student_logits, teacher_logits, student_ids, alignment=None, student_mask=None,
+                teacher_mask=None):
+        return uld_loss(student_logits, teacher_logits, student_ids, alignment=alignment, student_mask=student_mask,
+                        teacher_mask=teacher_mask, align=self.align, uld_weight=self.uld_weight,
+                        ce_weight=self.ce_weight, top_k=self.top_k, temperature=self.temperature,
+                        student_vocab_size=self.student_vocab_size, teacher_vocab_size=self.teacher_vocab_size,
+                        reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"align={self.align!r}, uld_weight={self.uld_weight}, ce_weight={self.ce_weight}, "
+                f"top_k={self.top_k}, temperature={self.temperature}, reduction={self.reduction!r}")
