@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ctalign.alignment_map import (FORMAT_VERSION, MAGIC, AlignmentMap, _decode_artifact, _encode_artifact,
-                                   build_map)
+from ctalign.alignment_map import AlignmentMap, build_map
+from ctalign.artifact import FORMAT_VERSION, MAGIC, _decode_artifact, _encode_artifact
 from ctalign.errors import ArtifactError, CtalignError, MapMismatchError
 
 # teacher, student, expected regime: SentencePiece <-> byte-level BPE, tiktoken <-> byte-level BPE,

@@ -40,25 +40,20 @@ problem) and, given the tokenizers, their fingerprints (:class:`MapMismatchError
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-import os
-import struct
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from ctalign.artifact import FORMAT_VERSION, MAGIC, _encode_artifact, _read_artifact, _write_atomic
 from ctalign.errors import ArtifactError, CtalignError, MapMismatchError
 
 __all__ = ["AlignmentMap", "build_map", "resolve_spec", "ArtifactError", "MapMismatchError",
            "MAGIC", "FORMAT_VERSION"]
 
-MAGIC = b"CTALMAP1"
-FORMAT_VERSION = 1
 REGIMES = ("identical", "subset", "general")
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
 TRIE_FIELDS = ("order", "rank", "member_node", "first_symbol", "node_lo", "node_hi", "node_end",
@@ -577,146 +572,7 @@ class AlignmentMap:
             self._tables.pop(f"{side}_table", None)
             if side == "teacher":
                 self._tries.pop("teacher_trie", None)
-
-
-# ---- artifact container --------------------------------------------------------------------------
-_ALIGN = 64
-_PREAMBLE = struct.Struct("<8sIIQQ")  # magic, version, reserved, header length, directory length
-_DIGEST = 32
-_DTYPES = {"<i4": np.dtype("<i4"), "<i8": np.dtype("<i8"), "|u1": np.dtype("u1")}
-
-
-def _json_bytes(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-
-
-def _encode_artifact(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
-    prepared = []
-    for name in sorted(arrays):
-        a = np.asarray(arrays[name])
-        code = "|u1" if a.dtype.itemsize == 1 else a.dtype.newbyteorder("<").str
-        if code not in _DTYPES or a.dtype.kind not in "iub":
-            raise TypeError(f"array {name!r}: dtype {a.dtype} cannot be stored (int32, int64, uint8 only)")
-        prepared.append((name, np.ascontiguousarray(a, dtype=_DTYPES[code]), code))
-    header_bytes = _json_bytes({"version": FORMAT_VERSION, **header})
-    # The directory holds offsets that depend on its own length: iterate to a fixed point.
-    directory_bytes, entries = b"", []
-    for _ in range(8):
-        pos = _PREAMBLE.size + len(header_bytes) + len(directory_bytes)
-        entries = []
-        for name, a, code in prepared:
-            pos += (-pos) % _ALIGN
-            entries.append([name, code, list(a.shape), pos, a.nbytes])
-            pos += a.nbytes
-        new = _json_bytes(entries)
-        if len(new) == len(directory_bytes):
-            directory_bytes = new
-            break
-        directory_bytes = new
-    out = bytearray(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), len(directory_bytes)))
-    out += header_bytes
-    out += directory_bytes
-    for (_, a, _), entry in zip(prepared, entries):
-        out += b"\0" * (entry[3] - len(out))
-        out += a.tobytes()
-    out += hashlib.sha256(out).digest()
-    return bytes(out)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    folder = path.parent
-    if not folder.is_dir():
-        raise ArtifactError(path, f"cannot write: folder {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename durable too, where the platform allows it
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def _read_artifact(path) -> tuple[dict, dict[str, np.ndarray]]:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ArtifactError(path, "no such file") from None
-    except IsADirectoryError:
-        raise ArtifactError(path, "is a directory, not an alignment map") from None
-    except OSError as e:
-        raise ArtifactError(path, f"cannot read ({e.strerror or e})") from None
-    return _decode_artifact(data, path)
-
-
-def _decode_artifact(data: bytes, path) -> tuple[dict, dict[str, np.ndarray]]:
-    size = len(data)
-    minimum = _PREAMBLE.size + _DIGEST
-    if size == 0:
-        raise ArtifactError(path, "empty file, not a ctalign alignment map")
-    if data[:8] != MAGIC:
-        if size < 8 and MAGIC.startswith(data):
-            raise ArtifactError(path, f"truncated: {size} bytes, an alignment map has at least {minimum}")
-        if data[:7] == MAGIC[:7]:
-            raise ArtifactError(path, f"unsupported alignment map generation {data[:8]!r} (this ctalign reads {MAGIC!r})")
-        raise ArtifactError(path, f"not a ctalign alignment map (magic {data[:8]!r}, expected {MAGIC!r})")
-    if size < minimum:
-        raise ArtifactError(path, f"truncated: {size} bytes, an alignment map has at least {minimum}")
-    _, version, _, header_len, directory_len = _PREAMBLE.unpack_from(data, 0)
-    if version != FORMAT_VERSION:
-        raise ArtifactError(path, f"unsupported format version {version} (this ctalign reads version {FORMAT_VERSION})")
-    body_end = _PREAMBLE.size + header_len + directory_len
-    if body_end > size - _DIGEST:
-        raise ArtifactError(path, f"truncated: {size} bytes, the header alone needs {body_end + _DIGEST}")
-    try:
-        header = json.loads(data[_PREAMBLE.size:_PREAMBLE.size + header_len].decode())
-        directory = json.loads(data[_PREAMBLE.size + header_len:body_end].decode())
-        if not isinstance(header, dict) or not isinstance(directory, list):
-            raise ValueError("unexpected JSON structure")
-    except ValueError as e:
-        raise ArtifactError(path, f"corrupt header ({e})") from None
-    checked = []
-    end = body_end
-    try:
-        for entry in directory:
-            name, code, shape, offset, nbytes = entry
-            dtype = _DTYPES[code]
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise ValueError(f"array {name!r} has shape {shape}")
-            if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes or offset < end or offset % _ALIGN:
-                raise ValueError(f"array {name!r} has an inconsistent entry")
-            checked.append((str(name), dtype, tuple(shape), int(offset), int(nbytes)))
-            end = offset + nbytes
-    except (TypeError, ValueError, KeyError) as e:
-        raise ArtifactError(path, f"corrupt array directory ({e})") from None
-    if size < end + _DIGEST:
-        raise ArtifactError(path, f"truncated: {size} bytes, expected {end + _DIGEST}")
-    if size > end + _DIGEST:
-        raise ArtifactError(path, f"{size - end - _DIGEST} unexpected bytes after the end "
-                                  f"(expected {end + _DIGEST} bytes)")
-    if hashlib.sha256(memoryview(data)[:size - _DIGEST]).digest() != data[size - _DIGEST:]:
-        raise ArtifactError(path, "checksum mismatch: the file is corrupt (its sha256 differs from the recorded one)")
-    arrays = {}
-    for name, dtype, shape, offset, nbytes in checked:
-        a = np.frombuffer(data, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
-        arrays[name] = a.astype(dtype.newbyteorder("="), copy=False)
-    return header, arrays
-
-
+# ---- checks of a loaded map ---------------------------------------------------------------------
 def _check_tables(header: dict, arrays: dict[str, np.ndarray], path: str) -> None:
     """Shapes, dtypes and id ranges of a loaded map: a file whose checksum holds but whose tables
     do not fit together (written by another tool) is refused before any op reads it."""
