@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     _common(s)
 
+    from ctalign.cache import command as cache_command
+    cache_command.add_parser(sub, _common)
+
     sub.add_parser("bench", help="run the benchmarks (ctalign bench --help)", add_help=False)
     return p
 
@@ -204,7 +207,14 @@ def _cmd_shrink(args) -> int:
     return 0
 
 
-_COMMANDS = {"build-map": _cmd_build_map, "inspect": _cmd_inspect, "shrink-vocab": _cmd_shrink}
+def _cmd_cache_teacher(args) -> int:
+    from ctalign.cache import command as cache_command
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    return cache_command.run(args, progress=show)
+
+
+_COMMANDS = {"build-map": _cmd_build_map, "inspect": _cmd_inspect, "shrink-vocab": _cmd_shrink,
+             "cache-teacher": _cmd_cache_teacher}
 
 
 def _bench_args(argv: list[str]) -> list[str] | None:

@@ -52,9 +52,13 @@ def chunk_logprobs(logits: torch.Tensor, ids, chunk: torch.Tensor, target: torch
                    vocab_size: int, temperature: float = 1.0):
     """(sum of token log-probs per chunk [B, C], chunk has a token that is no target [B, C] bool,
     index of each chunk's last token [B, C] (-1 if none))."""
-    B, L, _ = logits.shape
-    dev = logits.device
-    lp = _token_logprobs(logits, ids, vocab_size, temperature)
+    return _chunk_sums(_token_logprobs(logits, ids, vocab_size, temperature), chunk, target, n_chunks)
+
+
+def _chunk_sums(lp: torch.Tensor, chunk: torch.Tensor, target: torch.Tensor, n_chunks: int):
+    """:func:`chunk_logprobs` from the token log-probs ``lp`` [B, L] (row j: log p(token j | row j-1))."""
+    B, L = lp.shape
+    dev = lp.device
     inc = chunk >= 0
     c = chunk.clamp_min(0)
     sums = torch.zeros((B, n_chunks), dtype=torch.float32, device=dev)
@@ -72,10 +76,10 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def alm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_ids, teacher_ids, alignment, *,
+def alm_loss(student_logits: torch.Tensor, teacher_logits, student_ids, teacher_ids, alignment, *,
              student_mask=None, teacher_mask=None, tau: float = 100.0, temperature: float = 1.0,
              debias: bool = False, student_vocab=None, teacher_vocab=None, reduction: str = "mean",
-             eps: float = 1e-6) -> torch.Tensor:
+             eps: float = 1e-6, teacher_own_logprob: torch.Tensor | None = None) -> torch.Tensor:
     """Approximate likelihood matching: for every chunk (the span between two common boundaries) the
     teacher's and the student's log-likelihoods ``l_T``, ``l_S`` (sums of the token log-probs of the
     chunk), compared by the binary cross-entropy of ``y = exp(l / tau)``:
@@ -91,16 +95,35 @@ def alm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student
     i.e. that the tokenization really breaks after the chunk. What ALM drops: the likelihood of a
     chunk is the probability of one tokenization of it (the model's own), not the marginal over all
     its tokenizations; ``debias`` corrects only the boundary at its end.
+
+    From a teacher cache (:mod:`ctalign.cache`): pass ``teacher_own_logprob`` ``[B, Lt]``, the
+    log-probability of the teacher's own next token at each row (``batch["teacher_own_logprob"]``),
+    with ``teacher_logits=None`` or the cached ``TopK`` rows; the chunk likelihoods are then exact
+    (they need nothing else) at the cache's temperature (``temperature`` applies to the student only),
+    and ``debias`` is refused (it needs whole teacher rows).
     """
     _check_reduction(reduction)
     temperature = _check_temperature(temperature)
     tau = _check_temperature(tau, "tau")
-    if _is_topk(teacher_logits):
-        raise TypeError("ALM needs the teacher's dense logits (the log-prob of every teacher token of the text)")
+    cached = teacher_own_logprob is not None
+    if cached:
+        if debias:
+            raise ValueError("debias=True needs the teacher's dense logits, not cached teacher_own_logprob")
+        own = torch.as_tensor(teacher_own_logprob).detach().float()
+        if own.dim() != 2:
+            raise ValueError(f"teacher_own_logprob must be [batch, teacher length], got {tuple(own.shape)}")
+        if torch.isnan(own).any() or torch.isposinf(own).any():
+            raise ValueError("teacher_own_logprob holds NaN or +inf")
+        Bt, Lt = own.shape
+        Vt = _vocab_len(teacher_vocab) or int(torch.as_tensor(teacher_ids).max().item()) + 1
+    elif _is_topk(teacher_logits):
+        raise TypeError("ALM needs the teacher's dense logits (the log-prob of every teacher token of the text), "
+                        "or teacher_own_logprob from a teacher cache")
+    else:
+        Vt = _check_logits(teacher_logits, "teacher logits", _vocab_len(teacher_vocab))
+        Bt, Lt, _ = teacher_logits.shape
     Vs = _check_logits(student_logits, "student logits", _vocab_len(student_vocab))
-    Vt = _check_logits(teacher_logits, "teacher logits", _vocab_len(teacher_vocab))
     B, Ls, _ = student_logits.shape
-    Bt, Lt, _ = teacher_logits.shape
     if Bt != B:
         raise ValueError(f"teacher batch {Bt} != student batch {B}")
     if alignment is None:
@@ -115,10 +138,14 @@ def alm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student
     C = max(int(alignment.n_chunks.max().item()) if alignment.n_chunks.numel() else 0, 1)
     s_chunk = _fit(alignment.s_chunk.to(dev), Ls, -1)
     t_chunk = _fit(alignment.t_chunk.to(dev), Lt, -1)
-    t_logits = teacher_logits.detach().to(dev)
     ls, s_bad, s_last = chunk_logprobs(student_logits, s_ids, s_chunk, s_t, C, Vs, temperature)
     with torch.no_grad():
-        lt, t_bad, t_last = chunk_logprobs(t_logits, t_ids, t_chunk, t_t, C, Vt, temperature)
+        if cached:
+            token_lp = torch.cat([own.new_zeros((B, 1)), own[:, :-1]], 1).to(dev)
+            lt, t_bad, t_last = _chunk_sums(token_lp, t_chunk, t_t, C)
+        else:
+            t_logits = teacher_logits.detach().to(dev)
+            lt, t_bad, t_last = chunk_logprobs(t_logits, t_ids, t_chunk, t_t, C, Vt, temperature)
     cs = alignment.chunk_s_count[:, :C].to(dev)
     ct = alignment.chunk_t_count[:, :C].to(dev)
     if cs.shape[1] < C:
@@ -168,11 +195,12 @@ class ApproximateLikelihoodMatchingLoss(nn.Module):
             raise ValueError("debias=True needs student_vocab and teacher_vocab")
 
     def forward(self, student_logits, teacher_logits, student_ids, teacher_ids, alignment, student_mask=None,
-                teacher_mask=None):
+                teacher_mask=None, teacher_own_logprob=None):
         return alm_loss(student_logits, teacher_logits, student_ids, teacher_ids, alignment,
                         student_mask=student_mask, teacher_mask=teacher_mask, tau=self.tau,
                         temperature=self.temperature, debias=self.debias, student_vocab=self.student_vocab,
-                        teacher_vocab=self.teacher_vocab, reduction=self.reduction)
+                        teacher_vocab=self.teacher_vocab, reduction=self.reduction,
+                        teacher_own_logprob=teacher_own_logprob)
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, temperature={self.temperature}, debias={self.debias}, reduction={self.reduction!r}"
