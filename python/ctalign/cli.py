@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
-    except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+    except BaseException as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise  # GeneratorExit and the like; a library's Rust panic is reported like any failure
         from ctalign.assets import AssetError
         from ctalign.errors import CtalignError
         bad_input = isinstance(e, (UsageError, CtalignError, OSError, ValueError, AssetError))

@@ -81,6 +81,77 @@ def split_utf8(b: bytes) -> list[tuple[bool, Any]]:
     return out
 
 
+# ---- checks at the boundary ------------------------------------------------------------------
+# Every loader checks what it reads before any library is built or any table allocated from it.
+MAX_PIECE_BYTES = 16384  # longest token accepted (real vocabularies: at most a few hundred bytes)
+_ID_SLACK = 65536  # ids no file entry defines, beyond twice the entries, that a file may leave
+
+
+def is_int(x: Any) -> bool:
+    """An integer that is no bool (JSON ``true`` is no token id)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_id_space(path: Any, max_id: int, n_entries: int, what: str = "token id") -> int:
+    """The table size ``max_id + 1``, once the largest id is known to fit the file: ids stay below
+    2^31 and below twice the entries the file defines plus a slack, so that a 40 KB file cannot make
+    a 17 GB table."""
+    bound = 2 * n_entries + _ID_SLACK
+    if max_id >= 2 ** 31 - 1 or max_id >= bound:
+        raise VocabError(f"{path}: {what} {max_id} is out of range: the file defines {n_entries:,} entries, "
+                         f"so ids must stay below {min(bound, 2 ** 31 - 1):,}")
+    return max_id + 1
+
+
+def check_piece_length(path: Any, what: str, piece: bytes) -> None:
+    if len(piece) > MAX_PIECE_BYTES:
+        raise VocabError(f"{path}: {what} is {len(piece):,} bytes long (at most {MAX_PIECE_BYTES:,} accepted)")
+
+
+def utf8_piece(path: Any, what: str, s: Any) -> bytes:
+    """The UTF-8 of a token string read from a file, length-checked; VocabError for non-strings and
+    strings that are no valid Unicode (lone surrogates)."""
+    if isinstance(s, (bytes, bytearray)):  # protobuf (upb) returns bytes for a string that is no UTF-8
+        raise VocabError(f"{path}: {what} is not valid UTF-8")
+    if not isinstance(s, str):
+        raise VocabError(f"{path}: {what} is {type(s).__name__}, not a string")
+    try:
+        b = s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise VocabError(f"{path}: {what} is not valid UTF-8 (lone surrogate)") from None
+    check_piece_length(path, what, b)
+    return b
+
+
+def check_all_bytes(path: Any, pieces: Iterable[bytes]) -> None:
+    """A byte-level rank file holds the 256 single bytes (BPE starts from them; tiktoken panics
+    on a byte it has no rank for)."""
+    singles = {p[0] for p in pieces if len(p) == 1}
+    if len(singles) != 256:
+        missing = sorted(set(range(256)) - singles)
+        raise VocabError(f"{path}: {256 - len(singles)} of the 256 single bytes have no rank (first: "
+                         f"0x{missing[0]:02x}); a byte-level rank file must hold all of them")
+
+
+def is_library_failure(e: BaseException) -> bool:
+    """A tokenizer library's own failure: any Exception, or a Rust panic (pyo3's PanicException
+    derives from BaseException). KeyboardInterrupt, SystemExit and GeneratorExit are not."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def library_call(path: Any, what: str, fn: Callable, *args, **kwargs):
+    """``fn(*args)``, a library failure turned into a VocabError naming the file."""
+    try:
+        return fn(*args, **kwargs)
+    except VocabError:
+        raise
+    except BaseException as e:
+        if not is_library_failure(e):
+            raise
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        raise VocabError(f"{path}: {what} ({type(e).__name__}: {msg})") from None
+
+
 # ---- special-token roles ---------------------------------------------------------------------
 _ROLE_NAMES = {
     "bos": {"s", "bos", "beginoftext", "beginofsentence", "startoftext", "cls"},

@@ -13,16 +13,19 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import math
 import re
 import unicodedata
 from functools import cached_property
+from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ctalign.errors import VocabError
-from ctalign.vocab.base import Backend, Vocab, assign_roles, gpt2_alphabet, gpt2_token_bytes
+from ctalign.vocab.base import (Backend, Vocab, assign_roles, check_id_space, gpt2_alphabet, gpt2_token_bytes,
+                                is_int, is_library_failure, library_call, utf8_piece)
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPACE_MARK = "\u2581"  # ▁
@@ -39,6 +42,8 @@ def _read_json(path: Path) -> tuple[str, Any]:
         return text, json.loads(text)
     except json.JSONDecodeError as e:
         raise VocabError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise VocabError(f"{path}: JSON nested too deeply to be a tokenizer file") from None
 
 
 def load_json_file(path: Path, *, name: str) -> Vocab:
@@ -141,14 +146,17 @@ def _component_tokenizer(normalizer: Any, pre_tokenizer: Any):
     d = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
          "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": None,
          "decoder": None, "model": {"type": "WordLevel", "vocab": {"<unk>": 0}, "unk_token": "<unk>"}}
-    return Tokenizer.from_str(json.dumps(d))
+    return library_call("<components>", "the tokenizers library rejects its normalizer or pre-tokenizer",
+                        Tokenizer.from_str, json.dumps(d))
 
 
 # ---- the encoder ------------------------------------------------------------------------------------
 class HFBackend(Backend):
     def __init__(self, path: Path, text: str, normalizer: Any, pre_tokenizer: Any, *, byte_level: bool,
-                 needs_raw_copy: bool, byte_ids: dict[int, int], unk_id: int | None):
+                 needs_raw_copy: bool, byte_ids: dict[int, int], unk_id: int | None,
+                 before_load: Callable[[], Any] | None = None):
         self._path = path
+        self._before_load = before_load  # the checks the library must not see fail (merges)
         self._text = text
         self._normalizer = normalizer
         self._pre_tokenizer = pre_tokenizer
@@ -159,10 +167,14 @@ class HFBackend(Backend):
 
     def _load(self):
         from tokenizers import Tokenizer
+        if self._before_load is not None:
+            self._before_load()
         try:
             tok = Tokenizer.from_str(self._text)
-        except Exception as e:  # the library's own parser: report which file
-            raise VocabError(f"{self._path}: the tokenizers library cannot load it ({e})") from None
+        except BaseException as e:  # the library's own parser (a Rust panic too): report which file
+            if not is_library_failure(e):
+                raise
+            raise VocabError(f"{self._path}: the tokenizers library cannot load it ({' '.join(str(e).split())[:300]})") from None
         tok.no_padding()
         tok.no_truncation()
         tok.encode_special_tokens = True
@@ -192,17 +204,21 @@ class HFBackend(Backend):
         return None if n is None else _component_tokenizer(n, None).normalizer
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        tok = self.tokenizer
+        return library_call(self._path, "the tokenizers library failed to encode",
+                            lambda: tok.encode(text, add_special_tokens=False).ids)
 
     def encode_raw_texts(self, texts: list[str]) -> list[list[int]]:
         tok = self.raw_tokenizer
         batch = getattr(tok, "encode_batch_fast", tok.encode_batch)  # the same ids, no offsets
-        return [e.ids for e in batch(texts, add_special_tokens=False)]
+        return library_call(self._path, "the tokenizers library failed to encode",
+                            lambda: [e.ids for e in batch(texts, add_special_tokens=False)])
 
     def encode_raw_invalid(self, pieces: list[bytes]) -> list[list[int]]:
         if self._byte_level:
             model = self.raw_tokenizer.model
-            return [[t.id for t in model.tokenize(gpt2_alphabet(p))] for p in pieces]
+            return library_call(self._path, "the tokenizers library failed to encode",
+                                lambda: [[t.id for t in model.tokenize(gpt2_alphabet(p))] for p in pieces])
         return [self.encode_with_byte_fallback(p) for p in pieces]
 
     def fast_raw_encoder(self, vocab: Vocab):
@@ -290,6 +306,8 @@ def load_hf_tokenizer(path: Path, text: str, data: dict, *, name: str, source: P
         return _load_hf(path, text, data, name=name, source=source, config_path=config_path)
     except VocabError:
         raise
+    except RecursionError:
+        raise VocabError(f"{path}: malformed tokenizer.json (components nested too deeply)") from None
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise VocabError(f"{path}: malformed tokenizer.json ({type(e).__name__}: {e})") from None
 
@@ -328,17 +346,27 @@ def _load_hf(path, text, data, *, name, source, config_path) -> Vocab:
             raise VocabError(f"{path}: model.vocab must map token -> id")
         items = list(vocab.items())
     elif mtype == "Unigram":
-        items = [(entry[0], i) for i, entry in enumerate(model["vocab"])]
+        entries = model["vocab"]
+        if not isinstance(entries, list):
+            raise VocabError(f"{path}: the Unigram model.vocab must be a list of [piece, score]")
+        for k, e in enumerate(entries):
+            if not (isinstance(e, list) and len(e) == 2 and isinstance(e[0], str)
+                    and isinstance(e[1], (int, float)) and not isinstance(e[1], bool) and math.isfinite(e[1])):
+                raise VocabError(f"{path}: Unigram entry {k} is not [piece, finite score]: {str(e)[:60]}")
+        items = [(entry[0], i) for i, entry in enumerate(entries)]
+        vocab = {}
     else:
         raise VocabError(f"{path}: unsupported tokenizer model type {mtype!r} "
                          f"(supported: BPE, Unigram, WordPiece)")
     added = data.get("added_tokens") or []
-    max_id = max([i for _, i in items] + [int(a["id"]) for a in added], default=-1)
+    added_ids = _check_entries(path, mtype, items, added)
+    max_id = max([i for _, i in items] + added_ids, default=-1)
     if max_id < 0:
         raise VocabError(f"{path}: the vocabulary is empty")
-    if any(not isinstance(i, int) or i < 0 for _, i in items):
-        raise VocabError(f"{path}: token ids must be non-negative integers")
-    n = max_id + 1
+    n = check_id_space(path, max_id, len(items) + len(added))
+    if mtype == "BPE":
+        data, text, dropout = _without_dropout(path, data, text)
+        model = data["model"]
     pieces: list[bytes | None] = [None] * n
     word_start = None
     byte_fallback = bool(model.get("byte_fallback"))
@@ -392,7 +420,9 @@ def _load_hf(path, text, data, *, name, source, config_path) -> Vocab:
     unk_id = None
     if mtype == "Unigram":
         if model.get("unk_id") is not None:
-            unk_id = int(model["unk_id"])
+            unk_id = model["unk_id"]
+            if not is_int(unk_id) or not 0 <= unk_id < len(items):
+                raise VocabError(f"{path}: Unigram unk_id {unk_id!r} is not the id of one of its {len(items):,} pieces")
     elif model.get("unk_token") is not None:
         unk_id = vocab.get(model["unk_token"])
     if unk_id is not None and unk_id not in special_text:
@@ -415,47 +445,141 @@ def _load_hf(path, text, data, *, name, source, config_path) -> Vocab:
         explicit.setdefault(role, []).extend(ids)
     roles = assign_roles(special_text, explicit)
 
-    merges_raw = model.get("merges") if mtype == "BPE" else None
-
-    def merges() -> list[tuple[int, int]]:
-        return _parse_merges(path, merges_raw or [], vocab)
+    merges_list = None
+    if mtype == "BPE":  # parsed and checked on first use, before the library builds its BPE (it may panic)
+        merges_list = _Once(lambda: _parse_merges(path, model.get("merges") or [], vocab,
+                                                  model.get("continuing_subword_prefix") or ""))
 
     backend = HFBackend(path, text, data.get("normalizer"), pre, byte_level=byte_level,
-                        needs_raw_copy=prefix_space, byte_ids=byte_ids, unk_id=unk_id)
+                        needs_raw_copy=prefix_space, byte_ids=byte_ids, unk_id=unk_id, before_load=merges_list)
     normalizer = "+".join(norm_steps) if norm_steps else None
     return Vocab(name=name, source=str(source or path), kind=kind, pieces=pieces,
                  special_text=special_text, roles=roles, backend=backend, prefix_space=prefix_space,
                  normalizer=normalizer, lossy_normalizer="+".join(lossy) if lossy else None,
-                 merges=merges if mtype == "BPE" else None, word_start=word_start, unk_id=unk_id,
+                 merges=merges_list, word_start=word_start, unk_id=unk_id,
                  details={"format": "tokenizer.json", "model": mtype, "byte_fallback": byte_fallback,
-                          "ignore_merges": bool(model.get("ignore_merges", False))})
+                          "ignore_merges": bool(model.get("ignore_merges", False)),
+                          **({"dropout_ignored": dropout} if mtype == "BPE" and dropout else {})})
 
 
-def _parse_merges(path: Path, raw: list, vocab: dict[str, int]) -> list[tuple[int, int]]:
+class _Once:
+    """A memoised thunk (the merge list: parsed and checked once, by whoever needs it first)."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._fn = fn
+        self._done = False
+        self._value = None
+
+    def __call__(self):
+        if not self._done:
+            self._value = self._fn()
+            self._done = True
+        return self._value
+
+
+def _check_entries(path: Path, mtype: str, items: list, added: Any) -> list[int]:
+    """Ids, token strings and added tokens of a tokenizer.json, before any table is sized from
+    them: integer ids, one token per id, valid UTF-8 of bounded length, added tokens that agree
+    with the model on the ids they share. Returns the added tokens' ids."""
+    by_id: dict[int, str] = {}
+    for s, i in items:
+        if not is_int(i) or i < 0:
+            raise VocabError(f"{path}: token {str(s)[:40]!r} has id {i!r}; ids must be non-negative integers")
+        utf8_piece(path, f"token {i}", s)
+        other = by_id.setdefault(i, s)
+        if other is not s:
+            raise VocabError(f"{path}: tokens {other[:40]!r} and {s[:40]!r} share id {i}")
+    if not isinstance(added, list):
+        raise VocabError(f"{path}: added_tokens must be a list")
+    ids = []
+    seen: dict[int, str] = {}
+    for k, a in enumerate(added):
+        if not isinstance(a, dict) or not is_int(a.get("id")) or a["id"] < 0:
+            raise VocabError(f"{path}: added token {k} has no non-negative integer id")
+        i, content = a["id"], a.get("content")
+        utf8_piece(path, f"added token {i}", content)
+        if not content:
+            raise VocabError(f"{path}: added token {i} has empty content")
+        if seen.setdefault(i, content) != content:
+            raise VocabError(f"{path}: added tokens {seen[i][:40]!r} and {content[:40]!r} share id {i}")
+        if i in by_id and by_id[i] != content:
+            raise VocabError(f"{path}: added token {content[:40]!r} has id {i}, which the model gives to "
+                             f"{by_id[i][:40]!r}")
+        ids.append(i)
+    return ids
+
+
+def _without_dropout(path: Path, data: dict, text: str) -> tuple[dict, str, Any]:
+    """BPE dropout makes encoding random: ctalign maps the canonical (dropout-free) tokenization,
+    so the library is given the file with dropout off. Returns (data, text, the dropout value)."""
+    dropout = data["model"].get("dropout")
+    if dropout is None or dropout == 0:
+        return data, text, None
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        raise VocabError(f"{path}: BPE dropout {dropout!r} is not a probability")
+    data = dict(data)
+    data["model"] = {**data["model"], "dropout": None}
+    return data, json.dumps(data), dropout
+
+
+def _parse_merges(path: Path, raw: list, vocab: dict[str, int], prefix: str = "") -> list[tuple[int, int]]:
     # 10^5 small lists: the cyclic GC would walk the heap again and again (none can form a cycle).
     gc_was_on = gc.isenabled()
     gc.disable()
     try:
-        return _parse_merges_checked(path, raw, vocab)
+        return _parse_merges_checked(path, raw, vocab, prefix)
     finally:
         if gc_was_on:
             gc.enable()
 
 
-def _parse_merges_checked(path: Path, raw: list, vocab: dict[str, int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
+def _parse_merges_checked(path: Path, raw: list, vocab: dict[str, int], prefix: str) -> list[tuple[int, int]]:
+    """(left, right) ids per merge; both parts and the result must be tokens, each pair once. With a
+    ``continuing_subword_prefix`` the right part carries it and the result is left + right without it
+    (the library slices the prefix off; a right part without it makes it panic)."""
+    if not isinstance(raw, list):
+        raise VocabError(f"{path}: model.merges must be a list")
+    if not isinstance(prefix, str):
+        raise VocabError(f"{path}: continuing_subword_prefix must be a string")
     get = vocab.get
+    cut = len(prefix)
+    if not cut and all(map(str.__instancecheck__, raw)):  # the usual case, in C-level passes
+        splits = list(map(str.split, raw, repeat(" ")))
+        if set(map(len, splits)) <= {2}:
+            lefts, rights = zip(*splits) if splits else ((), ())
+            a, b = list(map(get, lefts)), list(map(get, rights))
+            if None not in a and None not in b and None not in map(get, map(str.__add__, lefts, rights)):
+                out = list(zip(a, b))
+                if len(set(out)) == len(out):
+                    return out
+    out = []  # the checks one by one, naming the first bad merge
     for k, m in enumerate(raw):
         if isinstance(m, str):
             parts = m.split(" ")
-        else:
+        elif isinstance(m, list):
             parts = m
-        if len(parts) != 2:
-            raise VocabError(f"{path}: merge {k} ({m!r}) is not a pair of tokens")
-        a, b = get(parts[0]), get(parts[1])
-        if a is None or b is None or get(parts[0] + parts[1]) is None:
-            raise VocabError(f"{path}: merge {k} ({m!r}) names a token that is not in the vocabulary")
+        else:
+            raise VocabError(f"{path}: merge {k} ({str(m)[:60]!r}) is not a pair of tokens")
+        if len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+            raise VocabError(f"{path}: merge {k} ({str(m)[:60]!r}) is not a pair of tokens")
+        left, right = parts
+        if cut and not (right.startswith(prefix) and len(right) > cut):
+            raise VocabError(f"{path}: merge {k} ({str(m)[:60]!r}): its right part lacks the "
+                             f"continuing_subword_prefix {prefix!r}")
+        a, b, r = get(left), get(right), get(left + right[cut:])
+        if a is None or b is None:
+            raise VocabError(f"{path}: merge {k} ({str(m)[:60]!r}) names a token that is not in the vocabulary")
+        if r is None:
+            raise VocabError(f"{path}: merge {k} ({str(m)[:60]!r}): its result {(left + right[cut:])[:60]!r} "
+                             f"is not in the vocabulary")
         out.append((a, b))
+    if len(set(out)) != len(out):
+        seen: dict[tuple[int, int], int] = {}
+        for k, pair in enumerate(out):
+            if pair in seen:
+                raise VocabError(f"{path}: merge {k} repeats merge {seen[pair]} ({raw[k]!r}); the library "
+                                 f"and a merge list disagree on its rank")
+            seen[pair] = k
     return out
 
 

@@ -9,15 +9,17 @@ are split into valid runs and single bytes (byte fallback ``<0xNN>``, else unk).
 """
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 
 from ctalign.errors import VocabError
-from ctalign.vocab.base import Backend, Vocab, assign_roles
+from ctalign.vocab.base import Backend, Vocab, assign_roles, library_call, utf8_piece
 
 _SPACE_MARK = "\u2581"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _KIND = {1: "unigram", 2: "sentencepiece_bpe", 3: "unigram", 4: "unigram"}
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def looks_like_sentencepiece(head: bytes) -> bool:
@@ -55,10 +57,12 @@ class SPBackend(Backend):
         return self._processor(raw)
 
     def encode_text(self, text: str) -> list[int]:
-        return self.processor.encode(text, out_type=int, add_bos=False, add_eos=False)
+        return library_call(self._path, "sentencepiece failed to encode", self.processor.encode, text,
+                            out_type=int, add_bos=False, add_eos=False)
 
     def encode_raw_texts(self, texts: list[str]) -> list[list[int]]:
-        return self.raw_processor.encode(texts, out_type=int, add_bos=False, add_eos=False)
+        return library_call(self._path, "sentencepiece failed to encode", self.raw_processor.encode, texts,
+                            out_type=int, add_bos=False, add_eos=False)
 
     def encode_raw_invalid(self, pieces: list[bytes]) -> list[list[int]]:
         return [self.encode_with_byte_fallback(p) for p in pieces]
@@ -89,11 +93,10 @@ def load_sentencepiece(path: Path, *, name: str) -> Vocab:
         raise VocabError(f"{path}: not a SentencePiece model (the protobuf does not parse: {e})") from None
     if len(proto.pieces) == 0:
         raise VocabError(f"{path}: not a SentencePiece model (no pieces)")
+    for i, p in enumerate(proto.pieces):  # before the library sees them: text, length
+        utf8_piece(path, f"piece {i}", p.piece)  # upb hands out bytes for invalid UTF-8
     backend_check = SPBackend(path, proto, byte_ids={}, unk_id=None)
-    try:
-        backend_check.processor  # noqa: B018 - the library validates the model
-    except (RuntimeError, OSError, ValueError) as e:
-        raise VocabError(f"{path}: sentencepiece cannot load this model ({e})") from None
+    library_call(path, "sentencepiece cannot load this model", lambda: backend_check.processor)
 
     ns, ts = proto.normalizer_spec, proto.trainer_spec
     escape = ns.escape_whitespaces
@@ -110,10 +113,10 @@ def load_sentencepiece(path: Path, *, name: str) -> Vocab:
             if t == UNKNOWN and unk_id is None:
                 unk_id = i
         elif t == BYTE:
-            try:
-                b = int(p.piece[3:5], 16)
-            except ValueError:
-                raise VocabError(f"{path}: byte piece {i} ({p.piece!r}) is not <0xNN>") from None
+            m = _BYTE_PIECE.fullmatch(p.piece)
+            if m is None:
+                raise VocabError(f"{path}: byte piece {i} ({p.piece[:20]!r}) is not <0xNN>")
+            b = int(m.group(1), 16)
             pieces.append(bytes([b]))
             byte_ids.setdefault(b, i)
         else:

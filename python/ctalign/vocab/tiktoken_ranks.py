@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from ctalign.errors import VocabError
-from ctalign.vocab.base import Backend, Vocab, assign_roles
+from ctalign.vocab.base import (Backend, Vocab, assign_roles, check_all_bytes, check_id_space, check_piece_length,
+                                is_int, library_call)
 
 # Split patterns of the public encodings (tiktoken_ext.openai_public, Qwen, Whisper, Meta Llama 3).
 R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -116,11 +117,9 @@ class TiktokenBackend(Backend):
     @cached_property
     def encoding(self):
         import tiktoken
-        try:
-            return tiktoken.Encoding(self._name, pat_str=self._pattern, mergeable_ranks=self._ranks,
-                                     special_tokens={})
-        except Exception as e:  # e.g. a pattern tiktoken's regex engine rejects
-            raise VocabError(f"{self._name}: tiktoken cannot build this encoding ({e})") from None
+        # e.g. a pattern tiktoken's regex engine rejects (a Rust panic included)
+        return library_call(self._name, "tiktoken cannot build this encoding", tiktoken.Encoding, self._name,
+                            pat_str=self._pattern, mergeable_ranks=self._ranks, special_tokens={})
 
     def _shift(self, ids: list[int]) -> list[int]:
         o = self._offset
@@ -129,7 +128,7 @@ class TiktokenBackend(Backend):
     def encode_text(self, text: str) -> list[int]:
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
-        return self._shift(self.encoding.encode_ordinary(text))
+        return self._shift(library_call(self._name, "tiktoken failed to encode", self.encoding.encode_ordinary, text))
 
     def encode_raw_texts(self, texts: list[str]) -> list[list[int]]:
         enc = self.encoding
@@ -137,7 +136,7 @@ class TiktokenBackend(Backend):
         f = core.encode_ordinary if core is not None else enc.encode_ordinary
         if self._nfc:
             texts = [unicodedata.normalize("NFC", t) for t in texts]
-        out = [f(t) for t in texts]
+        out = library_call(self._name, "tiktoken failed to encode", lambda: [f(t) for t in texts])
         if self._offset:
             o = self._offset
             out = [[i + o for i in ids] for ids in out]
@@ -149,7 +148,8 @@ class TiktokenBackend(Backend):
         single = getattr(core, "encode_single_piece", None)
         if single is None:  # tiktoken without the private entry point: same BPE in Python
             return [self._shift(bpe_by_ranks(p, self._ranks)) for p in pieces]
-        return [self._shift(single(p)) for p in pieces]
+        return library_call(self._name, "tiktoken failed to encode",
+                            lambda: [self._shift(single(p)) for p in pieces])
 
     def normalize(self, text: str) -> str:
         return unicodedata.normalize("NFC", text) if self._nfc else text
@@ -193,18 +193,24 @@ def _parse_rank_file(path: Path) -> dict[bytes, int]:
             raise VocabError(f"{path}: line {k + 1} is not 'base64-token rank': {line[:60]!r}") from None
         if token in ranks or rank in seen or rank < 0:
             raise VocabError(f"{path}: line {k + 1}: duplicate or negative token/rank")
+        check_piece_length(path, f"line {k + 1}'s token", token)
         ranks[token] = rank
         seen.add(rank)
     if not ranks:
         raise VocabError(f"{path}: empty rank file")
+    check_id_space(path, max(seen), len(ranks), "rank")
+    check_all_bytes(path, ranks)
     return ranks
 
 
 def _vocab_from_ranks(path: Path, *, name: str, kind: str, ranks: dict[bytes, int], offset: int,
                       specials: dict[str, int], pattern: str, nfc: bool, n_vocab: int | None,
                       details: dict) -> Vocab:
-    n = max(max(ranks.values()) + offset, max(specials.values(), default=-1)) + 1
-    n = max(n, n_vocab or 0)
+    for t, i in specials.items():
+        if not isinstance(t, str) or not t or not is_int(i) or i < 0:
+            raise VocabError(f"{path}: special token {t!r} -> {i!r}: expected non-empty text -> non-negative id")
+    n = max(max(ranks.values()) + offset, max(specials.values(), default=-1), (n_vocab or 0) - 1)
+    n = check_id_space(path, n, len(ranks) + len(specials) + offset)
     pieces: list[bytes | None] = [None] * n
     for b, r in ranks.items():
         pieces[r + offset] = b
@@ -263,27 +269,42 @@ def load_tekken(path: Path, data: dict, *, name: str) -> Vocab:
     try:
         cfg = data["config"]
         pattern = cfg["pattern"]
-        vocab_size = int(cfg["default_vocab_size"])
-        n_special = int(cfg["default_num_special_tokens"])
+        vocab_size = cfg["default_vocab_size"]
+        n_special = cfg["default_num_special_tokens"]
         entries = data["vocab"]
+        if not isinstance(pattern, str) or not is_int(vocab_size) or not is_int(n_special) or n_special < 0 \
+                or not isinstance(entries, list):
+            raise VocabError(f"{path}: malformed Tekken config (pattern, default_vocab_size, "
+                             f"default_num_special_tokens) or vocab list")
+        listed = data.get("special_tokens")
+        if listed is not None and not isinstance(listed, list):
+            raise VocabError(f"{path}: special_tokens must be a list")
+        check_id_space(path, vocab_size - 1, len(entries) + len(listed or _TEKKEN_DEPRECATED_SPECIALS), "vocabulary size")
         inner = vocab_size - n_special
         if inner <= 0 or inner > len(entries):
             raise VocabError(f"{path}: vocabulary size {vocab_size} with {n_special} specials does not fit "
                              f"{len(entries)} ranks")
         ranks: dict[bytes, int] = {}
         for k, e in enumerate(entries[:inner]):
-            if int(e["rank"]) != k:
-                raise VocabError(f"{path}: vocab entry {k} has rank {e['rank']}")
-            ranks[base64.b64decode(e["token_bytes"], validate=True)] = k
+            if not is_int(e["rank"]) or e["rank"] != k:
+                raise VocabError(f"{path}: vocab entry {k} has rank {e['rank']!r}")
+            token = base64.b64decode(e["token_bytes"], validate=True)
+            check_piece_length(path, f"vocab entry {k}", token)
+            ranks[token] = k
         if len(ranks) != inner:
             raise VocabError(f"{path}: duplicate token bytes among the first {inner} ranks")
-        listed = data.get("special_tokens")
+        check_all_bytes(path, ranks)
         if listed is None:
             texts = list(_TEKKEN_DEPRECATED_SPECIALS)
         else:
             texts = [None] * len(listed)
             for s in listed:
-                texts[int(s["rank"])] = s["token_str"]
+                r = s["rank"]
+                if not is_int(r) or not 0 <= r < len(listed) or not isinstance(s["token_str"], str) \
+                        or texts[r] is not None:
+                    raise VocabError(f"{path}: special token {str(s)[:60]} has a rank outside 0..{len(listed) - 1}, "
+                                     f"a repeated rank or no text")
+                texts[r] = s["token_str"]
         if len(texts) > n_special or any(t is None for t in texts):
             raise VocabError(f"{path}: special tokens do not fill ranks 0..{len(texts) - 1} within {n_special}")
         texts += [f"<SPECIAL_{k}>" for k in range(len(texts), n_special)]
