@@ -128,8 +128,8 @@ def _load_file(path: Path, *, pattern=None, name=None, encoding=None, specials=N
     if not head:
         raise VocabError(f"{path}: empty file")
     if head[:4] == b"GGUF":
-        raise VocabError(f"{path}: GGUF vocabularies are not supported yet; export the tokenizer "
-                         f"(tokenizer.json) instead")
+        from ctalign.vocab.gguf_file import load_gguf
+        return load_gguf(path, name=name)
     if path.suffix == ".tiktoken" or (pattern is not None or encoding is not None) \
             and _looks_like_tiktoken(head):
         from ctalign.vocab.tiktoken_ranks import load_tiktoken
