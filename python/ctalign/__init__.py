@@ -25,6 +25,8 @@ _LAZY = {
     "align": ("ctalign.align", None),
     "data": ("ctalign.data", None),
     "assets": ("ctalign.assets", None),
+    "cache": ("ctalign.cache", None),
+    "load_gguf_model": ("ctalign.models", "load_gguf_model"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
