@@ -35,8 +35,12 @@ File format (``.ctmap``, version 1), all little-endian::
 
 Writes are atomic (temporary file in the target folder, fsync, ``os.replace``) and deterministic
 (the same inputs give the same bytes: no timings, paths or dates in the file). Loading checks
-magic, version, sizes, checksum and table shapes (:class:`ArtifactError` names the path and the
-problem) and, given the tokenizers, their fingerprints (:class:`MapMismatchError`).
+magic, version, sizes, checksum and table shapes, then treats the map as untrusted: the token
+tables must have the header's fingerprints, and every derived array (teacher trie, identical
+pairs, cover, first_student, dec trie) and statistic is rebuilt from the token tables and dec_S and
+must equal the stored one (:class:`ArtifactError` names the path and the array; 0.03 -> 0.17 s for
+Qwen -> Llama-3). Given the tokenizers, their fingerprints and special roles must match
+(:class:`MapMismatchError`).
 """
 from __future__ import annotations
 
@@ -56,6 +60,7 @@ __all__ = ["AlignmentMap", "build_map", "resolve_spec", "ArtifactError", "MapMis
 
 REGIMES = ("identical", "subset", "general")
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+ROLES = SPECIAL_ROLES + ("other",)
 TRIE_FIELDS = ("order", "rank", "member_node", "first_symbol", "node_lo", "node_hi", "node_end",
                "node_depth", "node_parent", "node_symbol", "child_start", "child_node")
 MAP_FIELDS = ("identical", "cover_lo", "cover_hi", "dec_offsets", "dec_ids", "first_student")
@@ -134,15 +139,24 @@ def _special_target(teacher, student) -> np.ndarray:
     """int32[V_t]: -1, or for a teacher special the student special of the same role (bos, eos,
     pad, unk); a special without such a role goes to the student special with the same text, else
     to V_s (the end column)."""
-    target = np.full(len(teacher), -1, dtype=np.int32)
+    return _special_target_of(
+        len(teacher), [(i, role, teacher.special_text.get(i, "")) for i, role in teacher.specials.items()],
+        len(student), [(i, role, student.special_text.get(i, "")) for i, role in student.specials.items()])
+
+
+def _special_target_of(n_teacher: int, teacher_specials, n_student: int, student_specials) -> np.ndarray:
+    """:func:`_special_target` from (id, role, text) lists (a vocabulary's, or an artifact header's)."""
+    target = np.full(n_teacher, -1, dtype=np.int32)
     by_text: dict[str, int] = {}
-    for i in sorted(student.specials):
-        by_text.setdefault(student.special_text.get(i, ""), i)
-    for i, role in teacher.specials.items():
-        s = student.special_ids.get(role) if role in SPECIAL_ROLES else None
+    first_of_role: dict[str, int] = {}
+    for i, role, text in sorted(student_specials):
+        by_text.setdefault(text, i)
+        first_of_role.setdefault(role, i)
+    for i, role, text in teacher_specials:
+        s = first_of_role.get(role) if role in SPECIAL_ROLES else None
         if s is None and role not in SPECIAL_ROLES:
-            s = by_text.get(teacher.special_text.get(i, ""))
-        target[i] = len(student) if s is None else s
+            s = by_text.get(text)
+        target[i] = n_student if s is None else s
     return target
 
 
@@ -546,6 +560,7 @@ class AlignmentMap:
             amap.report()
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise ArtifactError(str(path), f"inconsistent header: the report cannot be made ({type(e).__name__}: {e})") from None
+        _check_derived(amap, str(path))
         amap._timings["load_s"] = time.perf_counter() - t0
         if teacher is not None or student is not None:
             amap.verify(teacher, student)
@@ -566,6 +581,10 @@ class AlignmentMap:
                     f"alignment map{where} was built for {side} {info['name']!r} ({info['kind']}, "
                     f"{info['size']:,} tokens, fingerprint {info['fingerprint'][:12]}), but the given {side} "
                     f"{v.name!r} ({v.kind}, {len(v):,} tokens) has fingerprint {v.fingerprint[:12]}")
+            specials = {int(i): role for i, role, _ in info["specials"]}
+            if v.specials != specials:
+                raise MapMismatchError(f"alignment map{f' ({self.path})' if self.path else ''} records other special "
+                                       f"token roles for {side} {info['name']!r} than the given {v.name!r} has")
             given[side] = v
         for side, v in given.items():
             setattr(self, side, v)
@@ -573,6 +592,78 @@ class AlignmentMap:
             if side == "teacher":
                 self._tries.pop("teacher_trie", None)
 # ---- checks of a loaded map ---------------------------------------------------------------------
+# Stats that the map's core computes from the tables and dec_S alone (the subset check needs the
+# teacher's merges, which the artifact does not hold).
+_REBUILT_STATS = ("identical_pairs", "teacher_with_bytes", "student_with_bytes", "teacher_with_identical",
+                  "student_with_identical", "uncovered_student", "dec_empty", "dec_bytes_mismatch", "dec_single",
+                  "dec_max_length", "dec_total")
+_DERIVED = ("identical", "cover_lo", "cover_hi", "first_student")
+
+
+def _check_derived(amap: "AlignmentMap", path: str) -> None:
+    """A map is untrusted input: its checksum proves the file is whole, not that its tables belong
+    to its tokenizers. Every derived array is rebuilt from the two token tables and dec_S (the
+    teacher byte trie, then the map's core: identical pairs, cover, first_student, dec trie; the
+    core's O(V_t + V_s + sum |dec_S|) is cheaper than checking each invariant) and must equal the
+    stored one; the token tables must have the header's fingerprints and the header's statistics and
+    regime must be the rebuilt ones. ArtifactError names the first array that differs."""
+    from ctalign import _core
+    arrays, header = amap._arrays, amap._header
+
+    def fail(problem: str):
+        raise ArtifactError(path, f"forged or inconsistent map: {problem}")
+
+    tables = {}
+    for name, side in (("teacher_table", "teacher"), ("student_table", "student")):
+        try:
+            table = _core.TokenTable(*(arrays[f"{name}.{f}"] for f in TABLE_FIELDS))
+        except ValueError as e:
+            fail(f"{name} is no token table ({e})")
+        if str(table.fingerprint) != header[side]["fingerprint"]:
+            fail(f"{name} does not have the {side} fingerprint the header records")
+        n_bytes = int(np.count_nonzero(arrays[f"{name}.has_bytes"]))
+        if header[side]["with_bytes"] != n_bytes:
+            fail(f"the header's {side} with_bytes ({header[side]['with_bytes']}) is not {name}'s {n_bytes}")
+        tables[name] = table
+    teacher_trie = _core.SequenceTrie.from_token_table(tables["teacher_table"])
+    for f in TRIE_FIELDS:
+        if not np.array_equal(getattr(teacher_trie, f), arrays[f"teacher_trie.{f}"]):
+            fail(f"teacher_trie.{f} differs from the trie rebuilt from teacher_table")
+    sides = {}
+    for side, name in (("teacher", "teacher_table"), ("student", "student_table")):
+        specials = [(int(i), str(role), str(text)) for i, role, text in header[side]["specials"]]
+        has = arrays[f"{name}.has_bytes"]
+        if any(not 0 <= i < len(has) or has[i] or role not in ROLES for i, role, _ in specials) \
+                or len({i for i, _, _ in specials}) != len(specials):
+            fail(f"the header's {side} specials are not distinct ids without bytes with known roles")
+        sides[side] = specials
+    target = _special_target_of(amap.n_teacher, sides["teacher"], amap.n_student, sides["student"])
+    try:
+        core = _core.build_alignment_map(tables["teacher_table"], teacher_trie, tables["student_table"],
+                                         arrays["dec_offsets"], arrays["dec_ids"], target, None, None)
+    except ValueError as e:
+        fail(f"dec_S does not fit the token tables ({e})")
+    for name in _DERIVED:
+        if not np.array_equal(core[name], arrays[name]):
+            fail(f"{name} differs from the one rebuilt from the token tables and dec_S")
+    dec_trie = core["dec_trie"]
+    for f in TRIE_FIELDS:
+        if not np.array_equal(getattr(dec_trie, f), arrays[f"dec_trie.{f}"]):
+            fail(f"dec_trie.{f} differs from the trie rebuilt from dec_S")
+    stats = header["stats"]
+    for key in _REBUILT_STATS:
+        if stats.get(key) != core["stats"][key]:
+            fail(f"the header's stats.{key} ({stats.get(key)}) is not the rebuilt {core['stats'][key]}")
+    regime = header["regime"]
+    if (regime == "identical") != (core["regime"] == "identical"):
+        fail(f"regime {regime!r}, but the token tables are {'' if core['regime'] == 'identical' else 'not '}identical")
+    if regime == "subset" and (stats["student_with_identical"] != stats["student_with_bytes"]
+                               or stats.get("unroll_mismatch") != 0):
+        fail("regime 'subset', but not every student token is a teacher token or the unroll check failed")
+    amap._tables = tables
+    amap._tries = {"teacher_trie": teacher_trie, "dec_trie": dec_trie}
+
+
 def _check_tables(header: dict, arrays: dict[str, np.ndarray], path: str) -> None:
     """Shapes, dtypes and id ranges of a loaded map: a file whose checksum holds but whose tables
     do not fit together (written by another tool) is refused before any op reads it."""
@@ -622,7 +713,7 @@ def _check_tables(header: dict, arrays: dict[str, np.ndarray], path: str) -> Non
     order = arrays["teacher_trie.order"]
     lo, hi = arrays["cover_lo"], arrays["cover_hi"]
     if lo.size and (lo.min() < 0 or np.any(hi < lo) or hi.max() > len(order)):
-        fail("cover ranges lie outside the teacher order")
+        fail("cover_lo / cover_hi ranges lie outside the teacher order")
     if order.size and (order.min() < 0 or order.max() >= Vt):
         fail("teacher_trie.order holds ids out of range")
     for side, V in (("teacher_table", Vt), ("student_table", Vs)):
