@@ -208,3 +208,44 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ctalign: error:") and "not in the vocabulary" in lines[0]
+
+
+# ---- command-line arguments ------------------------------------------------------------------------
+@pytest.mark.parametrize("pattern, problem", [
+    ("qwen", "is not a pre-tokenizer regex"),  # a name where a regex is expected: dec_S was 98% empty
+    ("(", "does not compile"),
+    (r"\s+|\p{L}+", "is not a pre-tokenizer regex"),
+    (r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+", "splits a sample text unlike the qwen encoding"),
+])
+def test_cli_pattern_must_be_the_tokenizers_split(tmp_path, capsys, pattern, problem):
+    from ctalign.cli import main
+    rc = main(["build-map", "asset:botchan-bpe", "asset:qwen", "-o", str(tmp_path / "m.ctmap"), "--quiet",
+               "--pattern-student", pattern])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and problem in err[0], err
+    assert not (tmp_path / "m.ctmap").exists()
+
+
+def test_cli_pattern_for_a_tokenizer_json_is_an_error(tmp_path, capsys):
+    from ctalign.cli import main
+    rc = main(["build-map", "asset:botchan-bpe", "asset:bert-uncased", "-o", str(tmp_path / "m.ctmap"), "--quiet",
+               "--pattern-student", r"\S+|\s+"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tiktoken rank files only" in err, err
+
+
+def test_cli_map_with_mostly_empty_dec_is_an_error(tmp_path, capsys, monkeypatch):
+    """A student that tokenizes most teacher tokens to nothing gives no map (exit 2, nothing written)."""
+    from ctalign import cli
+    from ctalign.vocab.base import Vocab
+    real = Vocab.encode_raw
+
+    def dropping(self, pieces, **kw):
+        out = real(self, pieces, **kw)
+        return [[] if k % 2 else ids for k, ids in enumerate(out)] if self.name == "botchan-unigram" else out
+    monkeypatch.setattr(Vocab, "encode_raw", dropping)
+    rc = cli.main(["build-map", "asset:botchan-bpe", "asset:botchan-unigram", "-o", str(tmp_path / "m.ctmap"),
+                   "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "empty dec_S" in err, err
+    assert not (tmp_path / "m.ctmap").exists()

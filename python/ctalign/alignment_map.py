@@ -92,7 +92,11 @@ def _load(spec: Any, pattern: str | None = None):
     kw = {"pattern": pattern} if pattern is not None else {}
     if isinstance(spec, str) and spec.startswith("asset:"):
         kw["name"] = spec[len("asset:"):]
-    return load_vocab(resolve_spec(spec), **kw)
+    v = load_vocab(resolve_spec(spec), **kw)
+    if pattern is not None and v.kind != "tiktoken":
+        raise CtalignError(f"{spec}: a split pattern applies to tiktoken rank files only; this is a {v.kind} "
+                           f"tokenizer, which carries its own pre-tokenizer")
+    return v
 
 
 def _side_info(v) -> dict:

@@ -23,6 +23,9 @@ import traceback
 __all__ = ["main"]
 
 PROG = "ctalign"
+# build-map refuses a map whose student drops the bytes of more teacher tokens than this share
+# (real pairs: at most 0.3%, WordPiece students dropping whitespace tokens).
+MAX_EMPTY_DEC_SHARE = 0.10
 
 
 class UsageError(Exception):
@@ -79,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from ctalign.cache import command as cache_command
     cache_command.add_parser(sub, _common)
+    from ctalign.train import command as train_command
+    train_command.add_parser(sub, _common)
 
     sub.add_parser("bench", help="run the benchmarks (ctalign bench --help)", add_help=False)
     return p
@@ -170,6 +175,12 @@ def _cmd_build_map(args) -> int:
     say = _progress_fn(args)
     amap = build_map(args.teacher, args.student, teacher_pattern=args.pattern_teacher,
                      student_pattern=args.pattern_student, progress=say)
+    rep = amap.report()
+    empty, with_bytes = rep["dec"]["empty"], rep["teacher"]["with_bytes"]
+    if with_bytes and empty > MAX_EMPTY_DEC_SHARE * with_bytes:
+        raise CtalignError(f"the student tokenizes {empty:,} of {with_bytes:,} teacher tokens "
+                           f"({empty / with_bytes:.0%}) to nothing (empty dec_S): a wrong --pattern-student or a "
+                           f"student that drops text; no map written (at most {MAX_EMPTY_DEC_SHARE:.0%} accepted)")
     if say:
         say(f"writing {out}")
     amap.save(out)
@@ -213,8 +224,14 @@ def _cmd_cache_teacher(args) -> int:
     return cache_command.run(args, progress=show)
 
 
+def _cmd_distill(args) -> int:
+    from ctalign.train import command as train_command
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    return train_command.run(args, progress=show)
+
+
 _COMMANDS = {"build-map": _cmd_build_map, "inspect": _cmd_inspect, "shrink-vocab": _cmd_shrink,
-             "cache-teacher": _cmd_cache_teacher}
+             "cache-teacher": _cmd_cache_teacher, "distill": _cmd_distill}
 
 
 def _bench_args(argv: list[str]) -> list[str] | None:

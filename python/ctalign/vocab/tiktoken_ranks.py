@@ -172,6 +172,40 @@ def bpe_by_ranks(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
     return [ranks[p] for p in parts]
 
 
+# ---- a given split pattern ------------------------------------------------------------------------
+# Words, digits, punctuation, whitespace runs, newlines and several scripts: any split regex of a
+# byte-level tokenizer covers all of it (tiktoken drops the text no match covers).
+PATTERN_SAMPLE = ("Hello world! It's 2024: we're testing 12345 tokens,\n\tindented  twice   and more...\r\n"
+                  "naïve café — Ünïcödé; 日本語のテキスト; Привет мир; مرحبا; 🙂👍🏽 x+y=z <|endoftext|>  ")
+
+
+def check_pattern(path, pattern: str, known: KnownEncoding | None = None) -> None:
+    """A ``pattern=`` given for a rank file must be a split regex: it compiles in tiktoken's regex
+    engine, its matches cover every character of :data:`PATTERN_SAMPLE` (``pattern="qwen"`` matches
+    almost nothing, and the map it gave had dec_S 98% empty), and for a known encoding it splits the
+    sample as that encoding's own pattern does."""
+    import tiktoken
+    if not isinstance(pattern, str) or not pattern:
+        raise VocabError(f"{path}: the split pattern must be a non-empty regex string, not {pattern!r}")
+    enc = library_call(path, f"split pattern {pattern[:60]!r} does not compile", tiktoken.Encoding, "pattern-check",
+                       pat_str=pattern, mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={})
+    covered = bytes(library_call(path, f"split pattern {pattern[:60]!r} fails on a sample text",
+                                 enc.encode_ordinary, PATTERN_SAMPLE))
+    want = PATTERN_SAMPLE.encode()
+    if covered != want:
+        raise VocabError(f"{path}: split pattern {pattern[:60]!r} is not a pre-tokenizer regex: its matches cover "
+                         f"{len(covered)} of the {len(want)} bytes of a sample text (tiktoken drops the rest); pass "
+                         f"the tokenizer's own split regex, or encoding=NAME for a known encoding")
+    if known is not None and pattern != known.pattern:
+        import regex
+        got, ref = regex.findall(pattern, PATTERN_SAMPLE), regex.findall(known.pattern, PATTERN_SAMPLE)
+        if got != ref:
+            k = next(i for i, (a, b) in enumerate(zip(got + [None], ref + [None])) if a != b)
+            raise VocabError(f"{path}: split pattern {pattern[:60]!r} splits a sample text unlike the {known.name} "
+                             f"encoding this file holds (piece {k}: {got[k] if k < len(got) else None!r} against "
+                             f"{ref[k] if k < len(ref) else None!r})")
+
+
 # ---- loaders -------------------------------------------------------------------------------------
 def _parse_rank_file(path: Path) -> dict[bytes, int]:
     try:
@@ -236,6 +270,8 @@ def load_tiktoken(path: Path, *, pattern: str | None, name: str, encoding: str |
                          f"{', '.join(sorted(KNOWN_ENCODINGS))}")
     if known is None and pattern is None:
         known = known_encoding(stem)
+    if pattern is not None:
+        check_pattern(path, pattern, known or known_encoding(stem))
     if known is None and pattern is None and stem != "tokenizer":
         raise VocabError(f"{path}: unknown tiktoken encoding {stem!r}: its split pattern is not in the "
                          f"file; pass pattern=... (and specials=...) or encoding=one of "
