@@ -231,6 +231,20 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=1, default=str))
         print(f"wrote {args.json}")
     if args.plot:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
+        write_plot(result, args.plot)
     return 0
+
+
+PLOT_NEEDS = "plot not written: plots need matplotlib (pip install 'ctalign[bench]')"
+
+
+def write_plot(result: dict, path) -> bool:
+    """Write the PNG; without matplotlib say so in one line (the tables are already printed)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(PLOT_NEEDS)
+        return False
+    plot(result, path)
+    print(f"wrote {path}")
+    return True
