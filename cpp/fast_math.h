@@ -1,6 +1,6 @@
 // Vectorised exp and log in float for the projection kernels, element loads that widen fp32 / bf16 /
 // fp16 to float, and an 8x8 float transpose, for three instruction sets: plain C++ (any CPU),
-// AVX2+FMA+F16C and AVX-512 (F, BW, DQ, VL). projection_kernels.cpp picks one at run time (cpuid);
+// AVX2+FMA+F16C and AVX-512 (F, BW, DQ, VL). kernels/isa.cpp picks one at run time (cpuid);
 // nothing here needs -march at build time: every SIMD function carries its own target attribute.
 //
 // exp(d, bias) = e^d 2^bias: n = round(d log2(e)), r = d - n ln2 (two-part ln2, so r is exact to

@@ -1,6 +1,8 @@
 // CPU projection kernels: teacher logits rows -> log probability mass of token groups and of ranges
 // of a sorted token order, with the softmax fused in (docs/ARCHITECTURE.md, "Kernel contract";
 // definitions in shared/notes/design.md). No Python or torch here; ctalign/_cpu_backend.py wraps it.
+// Implementation: cpp/kernels/, one file per kernel family (grouped, range, trie, topk, sparse_rows)
+// over per-ISA row primitives written once (kernels/row_primitives.h over kernels/simd_traits.h).
 //
 // Logits: n_rows rows of `vocab_size` used columns (row_stride >= vocab_size elements apart), fp32,
 // bf16, fp16 or fp64, softmax of x / temperature. Outputs are log probabilities, -inf for zero mass,
