@@ -182,8 +182,12 @@ def test_uld_byte_alignment_equals_positional_for_identical_tokenizers():
 # ---------------------------------------------------------------------------------------------
 # subset regime: the targets carry the teacher's likelihood exactly
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("targets", ["exact", "boundary"])
 @pytest.mark.parametrize("teacher", ["gpt2", "llama3"])
-def test_subset_targets_carry_the_teacher_likelihood(teacher):
+def test_subset_targets_carry_the_teacher_likelihood(teacher, targets):
+    """Telescoping (docs/design.md, identity 5): the targets' path log-probabilities at the student's
+    tokens plus end_logprob give the teacher's log-likelihood; with targets="boundary" the path
+    values are the targets themselves."""
     student = teacher + "-shrunk"
     amap = get_map(teacher, student)
     assert amap.regime == "subset"
@@ -191,7 +195,10 @@ def test_subset_targets_carry_the_teacher_likelihood(teacher):
     a = b["alignment"]
     tv = vocab(teacher)
     t = logits_for(b, "teacher", len(tv) + 8, 5)
-    tg = L.likelihood_targets(t, amap, a, with_end=True)
+    tg = L.likelihood_targets(t, amap, a, with_end=True, targets=targets)
+    if targets == "boundary":
+        sid = b["student_input_ids"]
+        assert torch.equal(tg.path_logprob[tg.valid], tg.logprobs.gather(-1, sid[..., None])[..., 0][tg.valid])
     t_ids, s_ids = b["teacher_input_ids"], b["student_input_ids"]
     for r in range(t_ids.shape[0]):
         nt = int(b["teacher_attention_mask"][r].sum())
@@ -204,7 +211,7 @@ def test_subset_targets_carry_the_teacher_likelihood(teacher):
         student_ll = 0.0
         for j in range(ns):
             if predicted[j]:
-                student_ll += float(tg.logprobs[r, j, s_ids[r, j]]) + float(tg.end_logprob[r, j])
+                student_ll += float(tg.path_logprob[r, j]) + float(tg.end_logprob[r, j])
         assert abs(teacher_ll - student_ll) < 1e-4, (r, teacher_ll, student_ll)
         # the teacher tokens without a predicting row are exactly those of the unpredicted student tokens
         assert int(predicted.sum()) > 0
@@ -352,7 +359,9 @@ def test_uld_top_k_compiled_path_equals_the_torch_path():
 
 
 def _bld_bruteforce(s, head, t, b, tv, sv, K, lambda_b, lambda_kl):
-    """BLD by definition with reduction='sum': loops over tokens, bytes and the teacher vocabulary."""
+    """BLD by definition with reduction='sum' and targets="boundary" (the byte targets conditioned on
+    the teacher's boundaries): loops over tokens, bytes and the teacher vocabulary. The exact byte
+    targets' brute force is in test_exact_targets.py."""
     a = b["alignment"]
     ids = b["student_input_ids"]
     tb = [tv.token_bytes(i) or b"" for i in range(len(tv))]
@@ -408,7 +417,7 @@ def test_bld_matches_bruteforce():
     head = torch.randn(*s.shape[:2], K, 257, requires_grad=True)
     got = L.byte_level_distillation_loss(s, head, t, b["student_input_ids"], b["alignment"], student_vocab=sv,
                                          teacher_vocab=tv, student_mask=b["student_loss_mask"], lambda_b=0.7,
-                                         lambda_kl=0.3, reduction="sum")
+                                         lambda_kl=0.3, reduction="sum", targets="boundary")
     ref = _bld_bruteforce(s.detach(), head.detach(), t, b, tv, sv, K, 0.7, 0.3)
     assert abs(got.item() - ref) < 1e-3 * max(1.0, abs(ref)), (got.item(), ref)
     got.backward()

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Alignment", "ROLE_CODES", "role_codes", "token_spans", "pad_ids", "align", "align_spans",
+__all__ = ["Alignment", "AlignmentReport", "ROLE_CODES", "role_codes", "token_spans", "pad_ids", "align", "align_spans",
            "trie_arrays", "char_to_byte_offsets"]
 
 ROLE_CODES = {"bos": 1, "eos": 2, "pad": 3, "unk": 4, "other": 5}
@@ -291,6 +291,40 @@ class Alignment:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def report(self, amap=None, student_mask=None) -> "AlignmentReport":
+        """Counts of this batch's alignment: tokens, chunks, student tokens a teacher row predicts and,
+        with the map, how many of them get an exact likelihood target
+        (``ctalign.losses.exact_share``: ``exact_share``, and the approximated positions by cause).
+        ``student_mask``: count only those student tokens (e.g. the loss mask). Needs torch."""
+        import torch
+        n_s = int(torch.as_tensor(self.student_lengths).sum())
+        n_t = int(torch.as_tensor(self.teacher_lengths).sum())
+        out = AlignmentReport(teacher_tokens=n_t, student_tokens=n_s,
+                              chunks=int(torch.as_tensor(self.n_chunks).sum()), regime=self.regime)
+        if amap is not None:
+            from ctalign.losses.likelihood import exact_share
+            sh = exact_share(amap, self, student_mask=student_mask)
+            out.update(regime=getattr(amap, "regime", self.regime), predicted=sh["predicted"],
+                       with_target=sh["with_target"], exact=sh["exact"], exact_share=sh["share"],
+                       crossing=sh["crossing"], not_dec_prefix=sh["not_dec_prefix"],
+                       previous_split=sh["previous_split"])
+        return out
+
+
+class AlignmentReport(dict):
+    """:meth:`Alignment.report`: a dict with a readable ``str``."""
+
+    def __str__(self) -> str:
+        lines = [f"{self['teacher_tokens']} teacher / {self['student_tokens']} student tokens, "
+                 f"{self['chunks']} chunks, regime {self.get('regime')}"]
+        if "exact" in self:
+            lines.append(f"exact targets: {self['exact']} of {self['predicted']} predicted student tokens "
+                         f"({100 * self['exact_share']:.1f}%); approximated: {self['crossing']} crossing a "
+                         f"teacher boundary, {self['not_dec_prefix']} not dec_S pieces, {self['previous_split']} "
+                         f"after a teacher token split otherwise; {self['predicted'] - self['with_target']} "
+                         f"without a target")
+        return "\n".join(lines)
 
 
 def _torchify(d: dict) -> dict:

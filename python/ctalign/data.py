@@ -157,6 +157,12 @@ class DistillationCollator:
         out["response_start"] = starts
         return out
 
+    def report(self, batch: dict):
+        """The alignment report of a collated batch over its student loss mask
+        (:meth:`ctalign.align.Alignment.report`: token counts and, with a map, the share of student
+        targets that are exact)."""
+        return batch["alignment"].report(self.amap, student_mask=batch.get("student_loss_mask"))
+
     # -- helpers ---------------------------------------------------------------------------------
     def _too_long(self, nt: int, ns: int) -> bool:
         mt, ms = self.max_length

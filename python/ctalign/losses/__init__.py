@@ -34,15 +34,15 @@ from __future__ import annotations
 from ctalign.losses._common import cross_entropy  # noqa: F401
 from ctalign.losses.uld import (uld_loss, ULDLoss)  # noqa: F401
 from ctalign.losses.bld import (END_BYTE, ByteHead, token_byte_targets, byte_level_distillation_loss,
-                                ByteLevelDistillationLoss)  # noqa: F401
+                                ByteLevelDistillationLoss, byte_targets)  # noqa: F401
 from ctalign.losses.likelihood import (LikelihoodTargets, likelihood_targets, likelihood_distillation_loss,
-                                       LikelihoodDistillationLoss)  # noqa: F401
+                                       LikelihoodDistillationLoss, exact_share)  # noqa: F401
 from ctalign.losses.alm import (boundary_token_mask, chunk_logprobs, alm_loss,
                                 ApproximateLikelihoodMatchingLoss)  # noqa: F401
 
 __all__ = [
     "ULDLoss", "uld_loss", "ByteHead", "ByteLevelDistillationLoss", "byte_level_distillation_loss",
-    "LikelihoodDistillationLoss", "likelihood_distillation_loss", "likelihood_targets",
+    "LikelihoodDistillationLoss", "likelihood_distillation_loss", "likelihood_targets", "exact_share",
     "ApproximateLikelihoodMatchingLoss", "alm_loss", "chunk_logprobs", "token_byte_targets",
-    "boundary_token_mask", "cross_entropy",
+    "boundary_token_mask", "cross_entropy", "byte_targets",
 ]

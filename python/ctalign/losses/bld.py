@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ctalign.losses._common import (_rows_device, _ops, _check_reduction, _check_temperature, _check_logits,
                                     _check_ids, _fit, _token_mask, _check_alignment_ids, _alignment_lengths,
-                                    _shifted_ce, _Terms, _teacher_rows, _is_topk)
+                                    _shifted_ce, _Terms, _teacher_rows, _is_topk, _select_rows)
 
 
 END_BYTE = 256  # the end-of-token class of ByteHead
@@ -71,10 +71,109 @@ def token_byte_targets(vocab, num_bytes: int, device=None) -> torch.Tensor:
     return t if device is None else t.to(device)
 
 
+BYTE_TARGETS = ("exact", "boundary")
+
+
+def _check_byte_targets(targets) -> str:
+    if targets not in BYTE_TARGETS:
+        raise ValueError(f"targets must be one of {BYTE_TARGETS}, got {targets!r}")
+    return targets
+
+
+def byte_targets(teacher_logits, teacher_vocab, alignment, num_bytes: int, *, temperature: float = 1.0,
+                 targets: str = "exact", width: int | None = None, where=None):
+    """The teacher's next-byte distribution at byte ``i < num_bytes`` of every student token:
+    ``(logprobs [B, Ls, K, 256], valid [B, Ls, K] bool)`` (float64 for float64 logits, else float32;
+    ``-inf`` rows where ``valid`` is False). Needs ``align(..., byte_queries >= K)``.
+
+    The byte at text offset ``x`` lies in teacher token ``t_k`` after its first bytes ``π``
+    (``alignment.byte_row`` = ``k - 1``, ``byte_prefix`` = the node of ``π``).
+
+    * ``targets="exact"`` (default): the exact next byte over the covers that keep the teacher's own
+      tokenization up to ``t_{k-1}`` (``docs/design.md``). At a token start (``π`` empty) ``t_{k-1}``
+      either goes on or ends: ``q(b) = C[b] + C[end] * N[b]`` with ``C =
+      byte_conditional_logprobs(row k - 2, bytes(t_{k-1}))`` and ``N = next_byte_logprobs(row k - 1)``;
+      after a teacher special (or for the first teacher token, which has no row before it) ``N``.
+      Inside a token, ``byte_conditional_logprobs(row k - 1, π, drop_end=True)``: the covers in
+      which a shorter teacher token ends at ``π`` need a row no forward pass computed, and are left
+      out (so are the covers with a token spanning earlier teacher tokens).
+    * ``targets="boundary"``: ``byte_conditional_logprobs(row k - 1, π, drop_end=True)`` everywhere
+      (at a token start: the next teacher token's first byte, as if ``t_{k-1}`` surely ended there).
+
+    Both drop the specials' mass (no byte) and renormalise over the 256 bytes. ``where`` [B, Ls, K]
+    bool: build only those queries. ``width``: the student length to pad/crop to."""
+    from ctalign.losses.likelihood import compose_rows
+    temperature = _check_temperature(temperature)
+    kind = _check_byte_targets(targets)
+    K = int(num_bytes)
+    if alignment is None or alignment.byte_row.shape[-1] < K:
+        raise ValueError(f"BLD needs align(..., byte_queries={K}) (alignment with byte queries for K bytes)")
+    t_rows, Bt, Lt = _teacher_rows(teacher_logits)
+    if not _is_topk(teacher_logits):
+        _check_logits(teacher_logits, "teacher logits", len(teacher_vocab))
+    rdev = _rows_device(t_rows)
+    lp_src = t_rows.logprobs if _is_topk(t_rows) else t_rows
+    dtype = torch.float64 if lp_src.dtype == torch.float64 else torch.float32
+    Ls = alignment.byte_row.shape[1] if width is None else int(width)
+    if alignment.byte_row.shape[0] != Bt:
+        raise ValueError(f"teacher batch {Bt} != student batch {alignment.byte_row.shape[0]}")
+    brow = _fit(alignment.byte_row[..., :K].to(rdev), Ls, -1)
+    bpre = _fit(alignment.byte_prefix[..., :K].to(rdev), Ls, -1)
+    ok = (brow >= 0) & (bpre >= 0)
+    if where is not None:
+        ok = ok & where.to(rdev)
+    out = torch.full((Bt, Ls, K, 256), float("-inf"), dtype=dtype, device=rdev)
+    qb, qj, qi = torch.nonzero(ok, as_tuple=True)
+    if qb.numel() == 0:
+        return out, ok
+    ops = _ops()
+    r, pre = brow[qb, qj, qi], bpre[qb, qj, qi]
+    with torch.no_grad():
+        lp = ops.byte_conditional_logprobs(t_rows, teacher_vocab, qb * Lt + r, pre, temperature=temperature,
+                                           drop_end=True).to(dtype)
+        if kind == "exact" and alignment.teacher_ids is not None:
+            # token starts after a teacher token with bytes that has a row before it: compose
+            t_role = alignment.t_role.to(rdev)
+            t_ids = alignment.teacher_ids.to(rdev)
+            start = (pre == 0) & (r >= 1)
+            if start.any():
+                rc = r.clamp(max=t_role.shape[1] - 1)
+                start = start & (t_role[qb, rc] == 0)
+            if start.any():
+                sb, sr = qb[start], r[start]
+                prev_id = t_ids[sb, sr].long()
+                node = _member_nodes(teacher_vocab, rdev)[prev_id]
+                c = ops.byte_conditional_logprobs(t_rows, teacher_vocab, sb * Lt + sr - 1, node,
+                                                  temperature=temperature).to(dtype)
+                uniq, inv = torch.unique(sb * Lt + sr, return_inverse=True)
+                n = ops.next_byte_logprobs(_select_rows(t_rows, uniq), teacher_vocab,
+                                           temperature=temperature).to(dtype)[inv]
+                q = compose_rows(c, n)[:, :256]
+                z = torch.logsumexp(q, -1, keepdim=True)
+                lp[start] = torch.where(torch.isfinite(z), q - z, torch.full_like(q, float("-inf")))
+    out[qb, qj, qi] = lp[:, :256]
+    valid = torch.zeros_like(ok)
+    valid[qb, qj, qi] = torch.isfinite(lp[:, :256]).any(-1)
+    return out, valid
+
+
+def _member_nodes(vocab, device) -> torch.Tensor:
+    """int64 [V]: the byte-trie node of each token's full bytes (-1 without bytes), cached per device."""
+    key = (id(vocab), getattr(vocab, "fingerprint", None), str(device))
+    t = _MEMBER_NODE_CACHE.get(key)
+    if t is None:
+        t = _MEMBER_NODE_CACHE[key] = torch.from_numpy(np.array(vocab.trie.member_node, dtype=np.int64)).to(device)
+    return t
+
+
+_MEMBER_NODE_CACHE: dict = {}
+
+
 def byte_level_distillation_loss(student_logits: torch.Tensor, head_logits: torch.Tensor, teacher_logits,
                                  student_ids, alignment, *, student_vocab, teacher_vocab, student_mask=None,
                                  lambda_b: float = 1.0, lambda_kl: float = 0.1, ce_weight: float = 1.0,
-                                 temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+                                 temperature: float = 1.0, reduction: str = "mean",
+                                 targets: str = "exact") -> torch.Tensor:
     """BLD: ``ce_weight x token CE + lambda_b x byte CE + lambda_kl x KL(teacher bytes || head)``.
 
     ``head_logits [B, Ls, K, 257]`` (:class:`ByteHead` on the student's hidden states): row ``j``
@@ -90,6 +189,7 @@ def byte_level_distillation_loss(student_logits: torch.Tensor, head_logits: torc
     """
     _check_reduction(reduction)
     temperature = _check_temperature(temperature)
+    _check_byte_targets(targets)
     Vs = _check_logits(student_logits, "student logits", len(student_vocab))
     B, Ls, _ = student_logits.shape
     if head_logits.dim() != 4 or tuple(head_logits.shape[:2]) != (B, Ls) or head_logits.shape[-1] != 257:
@@ -114,31 +214,17 @@ def byte_level_distillation_loss(student_logits: torch.Tensor, head_logits: torc
         byte_ce = torch.cat([byte_ce[:, :1], ce.sum(-1)], 1)
         n_bytes = (y != -100).sum()
     terms.add(lambda_b, byte_ce + anchor_head, n_bytes)
-    # KL to the teacher's byte conditionals
+    # KL to the teacher's next-byte distributions
     kl = head_logits.new_zeros((B, Ls), dtype=torch.float32)
     n_kl = 0
     if lambda_kl != 0.0 and Ls > 1:
-        if alignment is None or alignment.byte_row.shape[-1] < K:
-            raise ValueError(f"BLD needs align(..., byte_queries={K}) (alignment with byte queries for K bytes)")
-        t_rows, Bt, Lt = _teacher_rows(teacher_logits)
-        if Bt != B:
-            raise ValueError(f"teacher batch {Bt} != student batch {B}")
-        if not _is_topk(teacher_logits):
-            _check_logits(teacher_logits, "teacher logits", len(teacher_vocab))
-        brow = _fit(alignment.byte_row[..., :K].to(dev), Ls, -1)
-        bpre = _fit(alignment.byte_prefix[..., :K].to(dev), Ls, -1)
-        ok = (brow >= 0) & (bpre >= 0) & target[:, :, None] & (bt >= 0) & (bt < 256)
+        ok = target[:, :, None] & (bt >= 0) & (bt < 256)
         ok[:, 0] = False
-        qb, qj, qi = torch.nonzero(ok, as_tuple=True)
+        lp, valid = byte_targets(teacher_logits, teacher_vocab, alignment, K, temperature=temperature,
+                                 targets=targets, width=Ls, where=ok)
+        qb, qj, qi = torch.nonzero(valid.to(dev) & ok, as_tuple=True)
         if qb.numel():
-            rows = (qb * Lt + brow[qb, qj, qi]).to(_rows_device(t_rows))
-            pre = bpre[qb, qj, qi].to(_rows_device(t_rows))
-            with torch.no_grad():
-                lp = _ops().byte_conditional_logprobs(t_rows, teacher_vocab, rows, pre, temperature=temperature,
-                                                      drop_end=True)
-                lp = lp[:, :256].float().to(dev)
-            good = torch.isfinite(lp).any(-1)
-            qb, qj, qi, lp = qb[good], qj[good], qi[good], lp[good]
+            lp = lp.to(dev)[qb, qj, qi].float()
             head_lp = torch.log_softmax(head_logits[qb, qj - 1, qi].float() / temperature, -1)[:, :256]
             p = lp.exp()
             v = torch.where(p > 0, p * (lp - head_lp), torch.zeros_like(p)).sum(-1)
@@ -154,9 +240,11 @@ class ByteLevelDistillationLoss(nn.Module):
     Holds no parameters: the :class:`ByteHead` is the caller's (train it with the student)."""
 
     def __init__(self, student_vocab, teacher_vocab, *, num_bytes: int = 10, lambda_b: float = 1.0,
-                 lambda_kl: float = 0.1, ce_weight: float = 1.0, temperature: float = 1.0, reduction: str = "mean"):
+                 lambda_kl: float = 0.1, ce_weight: float = 1.0, temperature: float = 1.0, reduction: str = "mean",
+                 targets: str = "exact"):
         super().__init__()
         _check_reduction(reduction)
+        self.targets = _check_byte_targets(targets)
         self.student_vocab, self.teacher_vocab = student_vocab, teacher_vocab
         self.num_bytes, self.lambda_b, self.lambda_kl, self.ce_weight = int(num_bytes), lambda_b, lambda_kl, ce_weight
         self.temperature = _check_temperature(temperature)
@@ -168,8 +256,9 @@ class ByteLevelDistillationLoss(nn.Module):
         return byte_level_distillation_loss(
             student_logits, head_logits, teacher_logits, student_ids, alignment, student_vocab=self.student_vocab,
             teacher_vocab=self.teacher_vocab, student_mask=student_mask, lambda_b=self.lambda_b,
-            lambda_kl=self.lambda_kl, ce_weight=self.ce_weight, temperature=self.temperature, reduction=self.reduction)
+            lambda_kl=self.lambda_kl, ce_weight=self.ce_weight, temperature=self.temperature, reduction=self.reduction,
+            targets=self.targets)
 
     def extra_repr(self) -> str:
-        return (f"num_bytes={self.num_bytes}, lambda_b={self.lambda_b}, lambda_kl={self.lambda_kl}, "
+        return (f"targets={self.targets!r}, num_bytes={self.num_bytes}, lambda_b={self.lambda_b}, lambda_kl={self.lambda_kl}, "
                 f"temperature={self.temperature}, reduction={self.reduction!r}")
