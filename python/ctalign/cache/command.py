@@ -6,7 +6,8 @@ import json
 
 def add_parser(sub, common) -> None:
     c = sub.add_parser("cache-teacher", help="run a teacher once over a dataset and store its top-k rows",
-                       description="Run a teacher over a dataset (.txt: one example per paragraph; .jsonl: "
+                       description="Run a teacher over a dataset (.txt: paragraphs packed into examples of up to 1500 "
+                                   "characters; .jsonl: "
                                    "'text' or 'prompt'/'response' per line) and write its top-k rows to a "
                                    "cache folder, resumable. The teacher is a transformers model folder or a "
                                    ".gguf file.")

