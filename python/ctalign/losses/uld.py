@@ -133,7 +133,8 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
              student_mask=None, teacher_mask=None, align: str = "positional", uld_weight: float = 1.0,
              ce_weight: float = 1.0, top_k: int | None = None, temperature: float = 1.0,
              student_vocab_size: int | None = None, teacher_vocab_size: int | None = None,
-             reduction: str = "mean", chunk_size: int = 256) -> torch.Tensor:
+             reduction: str = "mean", chunk_size: int = 256, distance_mean: str = "pairs", ce_mask=None,
+             student_temperature: float | None = None, teacher_temperature: float | None = None) -> torch.Tensor:
     """Universal Logit Distillation: ``ce_weight x CE + uld_weight x W1(sorted p_student, sorted p_teacher)``.
 
     W1 under uniform cost between two distributions over unrelated supports is the L1 distance of
@@ -163,9 +164,41 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
 
     ``teacher_logits``: ``[B, Lt, Wt]`` or ``TopK``. ``chunk_size``: pairs scored per step by the
     torch path (memory).
+
+    Conventions of the reference implementations (the W1 core is the same in all of them):
+
+    * ``distance_mean``: ``"pairs"`` (default) averages the distance over all aligned pairs of the
+      batch; ``"examples"`` averages it over each example's pairs, then over the examples that have a
+      pair (with ``reduction='none'`` each pair's value is divided by its example's pair count, so a
+      row sums to its example's mean; ``'sum'`` sums the examples' means). The CE term keeps its
+      token mean.
+    * ``ce_mask``: the student tokens the CE scores (default ``student_mask``); ``student_mask`` and
+      ``teacher_mask`` then select only the tokens the distance pairs (e.g. without eos).
+    * ``student_temperature``, ``teacher_temperature``: one temperature per side in the distance
+      (default ``temperature`` for both); the CE uses ``T = 1``.
+
+    Settings that reproduce them (``loss`` = the response/label mask of each side, ``eos`` the side's
+    eos id; values from your run's config):
+
+    * llm-recipes (Boizard et al.'s ULD code): ``align='positional'``, ``top_k=None``,
+      ``distance_mean='examples'``, ``ce_weight=crossentropy_weight``, ``uld_weight=distillation_weight``,
+      ``student_temperature=student_temperature``, ``teacher_temperature=teacher_temperature``,
+      ``ce_mask=student_loss``; its training config keeps eos in the CE and skips the student eos in
+      the distance: ``student_mask=student_loss & (student_ids != student_eos)`` (and with
+      ``skip_teacher_eos``, ``teacher_mask=teacher_loss & (teacher_ids != teacher_eos)``).
+    * TRL GOLD (its ULD loss, without the hybrid term): the same mapping from its ``uld_*`` options
+      (``uld_crossentropy_weight``, ``uld_distillation_weight``, ``uld_student_temperature``,
+      ``uld_teacher_temperature``, ``uld_skip_student_eos``, ``uld_skip_teacher_eos``):
+      ``distance_mean='examples'``, the eos-skipping masks as above, ``align='positional'``.
     """
     _check_reduction(reduction)
     temperature = _check_temperature(temperature)
+    temp_s = temperature if student_temperature is None else _check_temperature(student_temperature,
+                                                                                "student_temperature")
+    temp_t = temperature if teacher_temperature is None else _check_temperature(teacher_temperature,
+                                                                                "teacher_temperature")
+    if distance_mean not in ("pairs", "examples"):
+        raise ValueError(f"distance_mean must be 'pairs' or 'examples', got {distance_mean!r}")
     if align not in ("positional", "byte"):
         raise ValueError(f"align must be 'positional' or 'byte', got {align!r}")
     if top_k is not None:
@@ -196,10 +229,11 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
     else:
         (sb, sj), (tb, tk) = _pairs_positional(s_t, t_t)
     terms = _Terms(student_logits)
+    ce_t = s_t if ce_mask is None else _token_mask(ce_mask, _alignment_lengths(alignment, "student"), (B, Ls), dev)
     if ce_weight != 0.0:
-        terms.add(ce_weight, _shifted_ce(student_logits, ids, Vs, s_t), s_t.sum())
+        terms.add(ce_weight, _shifted_ce(student_logits, ids, Vs, ce_t), ce_t.sum())
     else:
-        _check_target_ids(ids, Vs, s_t)  # the CE pass (skipped) would have refused them
+        _check_target_ids(ids, Vs, ce_t)  # the CE pass (skipped) would have refused them
     w1 = student_logits.new_zeros((B, Ls), dtype=torch.float32)
     compiled = (top_k is not None and top_k < Vs and (sparse_teacher or top_k < Vt)
                 and _ops().uses_compiled_kernels(student_logits)
@@ -208,11 +242,11 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
         # CPU: both sides' top k from the paired rows in place (no softmax, no gathered row copies)
         t_rows, _, _ = _teacher_rows(teacher_logits)
         t_flat_idx = (tb * Lt + (tk - 1)).to(_rows_device(t_rows))
-        ps = _compiled_top_probs(student_logits, sb * Ls + (sj - 1), top_k, Vs, temperature, "student", Ls)
+        ps = _compiled_top_probs(student_logits, sb * Ls + (sj - 1), top_k, Vs, temp_s, "student", Ls)
         if sparse_teacher:
-            pt, tail_t = _sorted_topk_rows(_select_rows(t_rows, t_flat_idx), top_k, temperature)
+            pt, tail_t = _sorted_topk_rows(_select_rows(t_rows, t_flat_idx), top_k, temp_t)
         else:
-            pt = _compiled_top_probs(teacher_logits.detach(), t_flat_idx, top_k, Vt, temperature, "teacher", Lt)
+            pt = _compiled_top_probs(teacher_logits.detach(), t_flat_idx, top_k, Vt, temp_t, "teacher", Lt)
             tail_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
         tail_s = (1.0 - ps.sum(-1)).clamp_min(0.0)
         w1 = w1.index_put((sb, sj), _uld_distance(ps, tail_s, pt.to(dev), tail_t.to(dev)))
@@ -223,20 +257,25 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
         for lo in range(0, sb.numel(), chunk_size):
             hi = min(lo + chunk_size, sb.numel())
             xs = student_logits[sb[lo:hi], sj[lo:hi] - 1, :Vs]
-            _check_paired_rows(xs, sb[lo:hi], sj[lo:hi] - 1, "student", temperature, Ls)
-            ps, tail_s = _sorted_probs(xs, top_k, temperature)
+            _check_paired_rows(xs, sb[lo:hi], sj[lo:hi] - 1, "student", temp_s, Ls)
+            ps, tail_s = _sorted_probs(xs, top_k, temp_s)
             rows = _select_rows(t_rows, t_flat_idx[lo:hi].to(_rows_device(t_rows)))
             if sparse_teacher:
-                pt, tail_t = _sorted_topk_rows(rows, top_k, temperature)
+                pt, tail_t = _sorted_topk_rows(rows, top_k, temp_t)
                 pt, tail_t = pt.to(dev), tail_t.to(dev)
             else:
-                _check_paired_rows(rows[:, :Vt], tb[lo:hi], tk[lo:hi] - 1, "teacher", temperature, Lt)
-                pt, tail_t = _sorted_probs(rows[:, :Vt].to(dev), top_k, temperature)
+                _check_paired_rows(rows[:, :Vt], tb[lo:hi], tk[lo:hi] - 1, "teacher", temp_t, Lt)
+                pt, tail_t = _sorted_probs(rows[:, :Vt].to(dev), top_k, temp_t)
             if top_k is not None and not sparse_teacher and top_k >= max(Vs, Vt):
                 tail_s = tail_t = None
             vals.append(_uld_distance(ps, tail_s, pt, tail_t))
         w1 = w1.index_put((sb, sj), torch.cat(vals))
-    terms.add(uld_weight, w1, sb.numel())
+    if distance_mean == "examples":
+        per_example = torch.bincount(sb, minlength=B).to(w1.dtype)
+        w1 = w1 / per_example.clamp_min(1)[:, None]
+        terms.add(uld_weight, w1, int((per_example > 0).sum()))
+    else:
+        terms.add(uld_weight, w1, sb.numel())
     return terms.reduce(reduction)
 
 
@@ -246,23 +285,32 @@ class ULDLoss(nn.Module):
 
     def __init__(self, *, align: str = "positional", uld_weight: float = 1.0, ce_weight: float = 1.0,
                  top_k: int | None = None, temperature: float = 1.0, student_vocab_size: int | None = None,
-                 teacher_vocab_size: int | None = None, reduction: str = "mean"):
+                 teacher_vocab_size: int | None = None, reduction: str = "mean", distance_mean: str = "pairs",
+                 student_temperature: float | None = None, teacher_temperature: float | None = None):
         super().__init__()
         _check_reduction(reduction)
         if align not in ("positional", "byte"):
             raise ValueError(f"align must be 'positional' or 'byte', got {align!r}")
+        if distance_mean not in ("pairs", "examples"):
+            raise ValueError(f"distance_mean must be 'pairs' or 'examples', got {distance_mean!r}")
         self.align, self.uld_weight, self.ce_weight, self.top_k = align, uld_weight, ce_weight, top_k
         self.temperature = _check_temperature(temperature)
+        self.distance_mean = distance_mean
+        self.student_temperature = None if student_temperature is None else _check_temperature(student_temperature)
+        self.teacher_temperature = None if teacher_temperature is None else _check_temperature(teacher_temperature)
         self.student_vocab_size, self.teacher_vocab_size, self.reduction = student_vocab_size, teacher_vocab_size, reduction
 
     def forward(self, student_logits, teacher_logits, student_ids, alignment=None, student_mask=None,
-                teacher_mask=None):
+                teacher_mask=None, ce_mask=None):
         return uld_loss(student_logits, teacher_logits, student_ids, alignment=alignment, student_mask=student_mask,
                         teacher_mask=teacher_mask, align=self.align, uld_weight=self.uld_weight,
                         ce_weight=self.ce_weight, top_k=self.top_k, temperature=self.temperature,
                         student_vocab_size=self.student_vocab_size, teacher_vocab_size=self.teacher_vocab_size,
-                        reduction=self.reduction)
+                        reduction=self.reduction, distance_mean=self.distance_mean, ce_mask=ce_mask,
+                        student_temperature=self.student_temperature, teacher_temperature=self.teacher_temperature)
 
     def extra_repr(self) -> str:
         return (f"align={self.align!r}, uld_weight={self.uld_weight}, ce_weight={self.ce_weight}, "
-                f"top_k={self.top_k}, temperature={self.temperature}, reduction={self.reduction!r}")
+                f"top_k={self.top_k}, temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"distance_mean={self.distance_mean!r}, student_temperature={self.student_temperature}, "
+                f"teacher_temperature={self.teacher_temperature}")
