@@ -75,6 +75,9 @@ HF_CASES = {
     "duplicate_id": (_bpe(vocab={"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 3}), "share id 3"),
     "duplicate_merge": (_bpe(merges=["a b", "ab c", "a b"]), "repeats merge 0"),
     "shifted_added_token": (_bpe(added=[_added(1, "zz")]), "which the model gives to 'b'"),
+    # the library gives added tokens its own ids when the model's ids leave a gap before them
+    "added_id_after_a_gap": (_bpe(vocab={"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 5}, added=[_added(6, "<s>", True)]),
+                             "tokenizers library gives it id"),
     "bool_id": (_bpe(vocab={"a": 0, "b": True, "c": 2, "ab": 3, "abc": 4}), "ids must be non-negative integers"),
     # unclear errors: invalid UTF-8 (a lone surrogate), a Unigram entry of the wrong shape
     "lone_surrogate": (_bpe(vocab={"a": 0, "b": 1, "c": 2, "ab": 3, "abc": 4, "\udc80": 5}), "not valid UTF-8"),

@@ -127,10 +127,13 @@ def _csr(lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dec_tables(teacher, student) -> tuple[np.ndarray, np.ndarray]:
-    """dec_S CSR over every teacher id: the student's encode_raw of all teacher token bytes at once."""
+    """dec_S CSR over every teacher id: the student's encode_raw of all teacher token bytes at once,
+    from the raw bytes: the student's Unicode canonical form (NFC) is not applied, or teacher tokens
+    that differ only by it (Qwen: `;` and U+037E, `K` and U+212A) would share one dec_S and each
+    count the other's mass."""
     pieces = teacher.all_token_bytes()
     with_bytes = [i for i, p in enumerate(pieces) if p is not None]
-    encoded = student.encode_raw([pieces[i] for i in with_bytes])
+    encoded = student.encode_raw([pieces[i] for i in with_bytes], normalize=False)
     if len(with_bytes) == len(pieces):
         return _csr(encoded)
     lists: list[list[int]] = [[] for _ in range(len(pieces))]
@@ -655,6 +658,10 @@ def _check_derived(amap: "AlignmentMap", path: str) -> None:
         if not np.array_equal(getattr(dec_trie, f), arrays[f"dec_trie.{f}"]):
             fail(f"dec_trie.{f} differs from the trie rebuilt from dec_S")
     stats = header["stats"]
+    for key in ("unroll_mismatch", "first_unroll_mismatch", "subset_exempt", "teacher_unreachable"):
+        val = stats.get(key, 0)  # from the subset check (the teacher's merges): in range at least
+        if not isinstance(val, int) or isinstance(val, bool) or not -1 <= val <= amap.n_teacher:
+            fail(f"the header's stats.{key} ({val!r}) is no count of teacher tokens")
     for key in _REBUILT_STATS:
         if stats.get(key) != core["stats"][key]:
             fail(f"the header's stats.{key} ({stats.get(key)}) is not the rebuilt {core['stats'][key]}")

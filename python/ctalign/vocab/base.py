@@ -220,6 +220,14 @@ class Backend:
     def normalize(self, text: str) -> str:
         return text
 
+    #: the tokenizer applies a Unicode canonical form (NFC / NFD) that ``encode_raw_texts_unnormalized`` skips
+    canonical_normalizer = False
+
+    def encode_raw_texts_unnormalized(self, texts: list[str]) -> list[list[int]]:
+        """``encode_raw_texts`` without the Unicode canonical form (NFC / NFD) of the normalizer:
+        the model's tokenization of the exact characters. Lossy steps (lowercase, NFKC) stay."""
+        return self.encode_raw_texts(texts)
+
     def encode_with_byte_fallback(self, piece: bytes) -> list[int]:
         """Valid UTF-8 runs through ``encode_raw_texts``, every other byte to its byte-fallback
         piece (``<0xNN>``), else unk. Needs ``_byte_ids`` (byte -> id), ``_unk_id`` and ``_path``."""
@@ -334,7 +342,8 @@ class Vocab:
         module docstring for WordPiece whitespace and unknown characters)."""
         return self._backend.normalize(text)
 
-    def encode_raw(self, pieces: Sequence[bytes], *, fast: bool | None = None) -> list[list[int]]:
+    def encode_raw(self, pieces: Sequence[bytes], *, fast: bool | None = None,
+                   normalize: bool = True) -> list[list[int]]:
         """The tokenizer's own tokenization of each byte string, as found inside a text: no
         prefix space, no specials (their text is ordinary text), normalizer kept (SentencePiece:
         without ``remove_extra_whitespaces``, so a piece's leading space stays a word boundary).
@@ -348,7 +357,11 @@ class Vocab:
         byte-level BPE without normalizer encodes through its own pre-tokenizer and the compiled
         BPE (``merge_table``, built by the first call with 256+ pieces or ``prepare_encode_raw``)
         instead of the library's ``encode_batch``, with the same result (see
-        ``ctalign.vocab.hf.FastRawEncoder``); ``fast=False`` forces the library path."""
+        ``ctalign.vocab.hf.FastRawEncoder``); ``fast=False`` forces the library path.
+
+        ``normalize=False``: the tokenizer's Unicode canonical form (NFC / NFD, e.g. Qwen's NFC) is not
+        applied, so each piece is tokenized as the exact bytes it is (the map's dec_S: ``;`` and U+037E
+        must not share a decomposition); lossy normalizers (lowercase, NFKC) still apply."""
         pieces = list(pieces)
         if set(map(type, pieces)) - {bytes}:
             for k, p in enumerate(pieces):
@@ -361,12 +374,12 @@ class Vocab:
         gc_was_on = gc.isenabled()
         gc.disable()
         try:
-            return self._encode_raw(pieces, fast)
+            return self._encode_raw(pieces, fast, normalize)
         finally:
             if gc_was_on:
                 gc.enable()
 
-    def _encode_raw(self, pieces: list[bytes], fast: bool | None) -> list[list[int]]:
+    def _encode_raw(self, pieces: list[bytes], fast: bool | None, normalize: bool = True) -> list[list[int]]:
         # One C-level pass decodes everything; invalid bytes become lone surrogates U+DC80-U+DCFF,
         # which only non-ASCII texts can hold.
         texts = list(map(bytes.decode, pieces, repeat("utf-8"), repeat("surrogateescape")))
@@ -377,6 +390,9 @@ class Vocab:
         for k in bad_pos:
             texts[k] = ""  # encoded below, on their own
         encoder = None
+        raw_form = not normalize and self._backend.canonical_normalizer
+        if raw_form:
+            fast = False
         if fast if fast is not None else _fast_raw_default():
             # Small calls do not build the compiled BPE for it (0.2-0.5 s for 128k-token vocabularies).
             if len(texts) >= _FAST_RAW_MIN or "_fast_raw_encoder" in self.__dict__:
@@ -391,7 +407,7 @@ class Vocab:
                 except ValueError:  # a byte the compiled BPE has no piece for: the library decides
                     out = None
         if out is None:
-            out = self._backend.encode_raw_texts(texts)
+            out = (self._backend.encode_raw_texts_unnormalized if raw_form else self._backend.encode_raw_texts)(texts)
         if bad_pos:
             for k, ids in zip(bad_pos, self._backend.encode_raw_invalid([pieces[k] for k in bad_pos])):
                 out[k] = ids

@@ -29,6 +29,7 @@ from ctalign.vocab.base import (Backend, Vocab, assign_roles, check_id_space, gp
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPACE_MARK = "\u2581"  # ▁
+_CANONICAL = ("NFC", "NFD")  # normalizer steps that only pick a canonically equivalent form
 
 
 def _read_json(path: Path) -> tuple[str, Any]:
@@ -154,8 +155,9 @@ def _component_tokenizer(normalizer: Any, pre_tokenizer: Any):
 class HFBackend(Backend):
     def __init__(self, path: Path, text: str, normalizer: Any, pre_tokenizer: Any, *, byte_level: bool,
                  needs_raw_copy: bool, byte_ids: dict[int, int], unk_id: int | None,
-                 before_load: Callable[[], Any] | None = None):
+                 before_load: Callable[[], Any] | None = None, added: list[tuple[str, int]] = ()):
         self._path = path
+        self._added = list(added)
         self._before_load = before_load  # the checks the library must not see fail (merges)
         self._text = text
         self._normalizer = normalizer
@@ -175,6 +177,11 @@ class HFBackend(Backend):
             if not is_library_failure(e):
                 raise
             raise VocabError(f"{self._path}: the tokenizers library cannot load it ({' '.join(str(e).split())[:300]})") from None
+        for content, i in self._added:  # the library ignores the file's ids where the model's ids have gaps
+            got = tok.token_to_id(content)
+            if got != i:
+                raise VocabError(f"{self._path}: added token {content[:40]!r} has id {i} in the file, but the "
+                                 f"tokenizers library gives it id {got} (the model's ids leave gaps before it)")
         tok.no_padding()
         tok.no_truncation()
         tok.encode_special_tokens = True
@@ -197,6 +204,29 @@ class HFBackend(Backend):
         tok.pre_tokenizer = comp.pre_tokenizer
         tok.post_processor = None
         return tok
+
+    @property
+    def canonical_normalizer(self) -> bool:
+        return any(n.get("type") in _CANONICAL for n in _flatten(self._normalizer, "normalizers"))
+
+    @cached_property
+    def raw_tokenizer_unnormalized(self):
+        """``raw_tokenizer`` without the Unicode canonical forms (NFC / NFD) of the normalizer."""
+        tok = self._load()
+        kept = [n for n in _flatten(self._normalizer, "normalizers")
+                if n.get("type") != "Prepend" and n.get("type") not in _CANONICAL]
+        norm = None if not kept else kept[0] if len(kept) == 1 else {"type": "Sequence", "normalizers": kept}
+        comp = _component_tokenizer(norm, _pretokenizer_without_prefix(self._pre_tokenizer))
+        tok.normalizer = comp.normalizer
+        tok.pre_tokenizer = comp.pre_tokenizer
+        tok.post_processor = None
+        return tok
+
+    def encode_raw_texts_unnormalized(self, texts: list[str]) -> list[list[int]]:
+        tok = self.raw_tokenizer_unnormalized
+        batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        return library_call(self._path, "the tokenizers library failed to encode",
+                            lambda: [e.ids for e in batch(texts, add_special_tokens=False)])
 
     @cached_property
     def _plain_normalizer(self):
@@ -451,7 +481,8 @@ def _load_hf(path, text, data, *, name, source, config_path) -> Vocab:
                                                   model.get("continuing_subword_prefix") or ""))
 
     backend = HFBackend(path, text, data.get("normalizer"), pre, byte_level=byte_level,
-                        needs_raw_copy=prefix_space, byte_ids=byte_ids, unk_id=unk_id, before_load=merges_list)
+                        needs_raw_copy=prefix_space, byte_ids=byte_ids, unk_id=unk_id, before_load=merges_list,
+                        added=[(a["content"], a["id"]) for a in added])
     normalizer = "+".join(norm_steps) if norm_steps else None
     return Vocab(name=name, source=str(source or path), kind=kind, pieces=pieces,
                  special_text=special_text, roles=roles, backend=backend, prefix_space=prefix_space,

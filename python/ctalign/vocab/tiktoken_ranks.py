@@ -107,8 +107,9 @@ def known_encoding(key: str) -> KnownEncoding | None:
 # ---- the encoder -----------------------------------------------------------------------------------
 class TiktokenBackend(Backend):
     def __init__(self, name: str, pattern: str, ranks: dict[bytes, int], *, offset: int = 0,
-                 nfc: bool = False):
+                 nfc: bool = False, path=None):
         self._name = name
+        self._path = path if path is not None else name  # errors name the file
         self._pattern = pattern
         self._ranks = ranks
         self._offset = offset
@@ -118,7 +119,7 @@ class TiktokenBackend(Backend):
     def encoding(self):
         import tiktoken
         # e.g. a pattern tiktoken's regex engine rejects (a Rust panic included)
-        return library_call(self._name, "tiktoken cannot build this encoding", tiktoken.Encoding, self._name,
+        return library_call(self._path, "tiktoken cannot build this encoding", tiktoken.Encoding, self._name,
                             pat_str=self._pattern, mergeable_ranks=self._ranks, special_tokens={})
 
     def _shift(self, ids: list[int]) -> list[int]:
@@ -128,7 +129,7 @@ class TiktokenBackend(Backend):
     def encode_text(self, text: str) -> list[int]:
         if self._nfc:
             text = unicodedata.normalize("NFC", text)
-        return self._shift(library_call(self._name, "tiktoken failed to encode", self.encoding.encode_ordinary, text))
+        return self._shift(library_call(self._path, "tiktoken failed to encode", self.encoding.encode_ordinary, text))
 
     def encode_raw_texts(self, texts: list[str]) -> list[list[int]]:
         enc = self.encoding
@@ -136,11 +137,23 @@ class TiktokenBackend(Backend):
         f = core.encode_ordinary if core is not None else enc.encode_ordinary
         if self._nfc:
             texts = [unicodedata.normalize("NFC", t) for t in texts]
-        out = library_call(self._name, "tiktoken failed to encode", lambda: [f(t) for t in texts])
+        out = library_call(self._path, "tiktoken failed to encode", lambda: [f(t) for t in texts])
         if self._offset:
             o = self._offset
             out = [[i + o for i in ids] for ids in out]
         return out
+
+    @property
+    def canonical_normalizer(self) -> bool:
+        return self._nfc
+
+    def encode_raw_texts_unnormalized(self, texts: list[str]) -> list[list[int]]:
+        enc = self.encoding
+        core = getattr(enc, "_core_bpe", None)
+        f = core.encode_ordinary if core is not None else enc.encode_ordinary
+        o = self._offset
+        return library_call(self._path, "tiktoken failed to encode",
+                            lambda: [[i + o for i in f(t)] if o else f(t) for t in texts])
 
     def encode_raw_invalid(self, pieces: list[bytes]) -> list[list[int]]:
         enc = self.encoding
@@ -148,7 +161,7 @@ class TiktokenBackend(Backend):
         single = getattr(core, "encode_single_piece", None)
         if single is None:  # tiktoken without the private entry point: same BPE in Python
             return [self._shift(bpe_by_ranks(p, self._ranks)) for p in pieces]
-        return library_call(self._name, "tiktoken failed to encode",
+        return library_call(self._path, "tiktoken failed to encode",
                             lambda: [self._shift(single(p)) for p in pieces])
 
     def normalize(self, text: str) -> str:
@@ -254,7 +267,7 @@ def _vocab_from_ranks(path: Path, *, name: str, kind: str, ranks: dict[bytes, in
             raise VocabError(f"{path}: special token {t!r} has id {i}, which is already a token")
     roles = assign_roles(special_text)
     order = [r + offset for b, r in sorted(ranks.items(), key=lambda kv: kv[1]) if b]
-    backend = TiktokenBackend(name, pattern, ranks, offset=offset, nfc=nfc)
+    backend = TiktokenBackend(name, pattern, ranks, offset=offset, nfc=nfc, path=path)
     return Vocab(name=name, source=str(path), kind=kind, pieces=pieces, special_text=special_text,
                  roles=roles, backend=backend, prefix_space=False,
                  normalizer="nfc" if nfc else None, lossy_normalizer=None, ranks=order,
