@@ -1,4 +1,5 @@
-"""Cross-tokenizer distillation losses: ULD, BLD (+ ByteHead), likelihood scoring, ALM.
+"""Cross-tokenizer distillation losses: ULD, BLD (+ ByteHead), likelihood scoring, ALM, BPM, ESCD,
+strict-alignment KD (+ row masks against whitespace collapse: ``row_masks``).
 
 Every loss is an ``nn.Module`` with a functional twin (``uld_loss``, ``byte_level_distillation_loss``,
 ``likelihood_distillation_loss``, ``alm_loss``). Definitions: ``docs/design.md``.
@@ -39,10 +40,17 @@ from ctalign.losses.likelihood import (LikelihoodTargets, likelihood_targets, li
                                        LikelihoodDistillationLoss, exact_share)  # noqa: F401
 from ctalign.losses.alm import (boundary_token_mask, chunk_logprobs, alm_loss,
                                 ApproximateLikelihoodMatchingLoss)  # noqa: F401
+from ctalign.losses.bpm import BPMTargets, bpm_targets, bpm_loss, BPMLoss  # noqa: F401
+from ctalign.losses.escd import ESCDChild, escd_child_term, escd_loss, ESCDLoss  # noqa: F401
+from ctalign.losses.strict_kd import strict_positions, strict_kd_loss, StrictAlignmentKDLoss  # noqa: F401
+from ctalign.losses.row_masks import whitespace_tokens, whitespace_row_mask, combine_row_masks  # noqa: F401
 
 __all__ = [
     "ULDLoss", "uld_loss", "ByteHead", "ByteLevelDistillationLoss", "byte_level_distillation_loss",
     "LikelihoodDistillationLoss", "likelihood_distillation_loss", "likelihood_targets", "exact_share",
     "ApproximateLikelihoodMatchingLoss", "alm_loss", "chunk_logprobs", "token_byte_targets",
     "boundary_token_mask", "cross_entropy", "byte_targets",
+    "BPMLoss", "bpm_loss", "bpm_targets", "BPMTargets", "ESCDLoss", "escd_loss", "escd_child_term", "ESCDChild",
+    "StrictAlignmentKDLoss", "strict_kd_loss", "strict_positions", "whitespace_tokens", "whitespace_row_mask",
+    "combine_row_masks",
 ]
