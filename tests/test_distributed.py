@@ -31,7 +31,7 @@ TEXTS = [
     ("Q: and then?", " He quarrelled with almost everybody."),
     "Short one.",
 ]
-LOSSES = ("uld", "bld", "likelihood", "alm")
+LOSSES = ("uld", "bld", "likelihood", "alm", "bpm", "escd", "strict_kd")
 SHARDS = ([0, 1], [2, 3, 4])  # uneven on purpose
 
 
@@ -63,6 +63,12 @@ def compute_loss(name, model, batch, rows, teacher_logits, amap, reduction):
         return L.ByteLevelDistillationLoss(amap.student, amap.teacher, reduction=reduction)(logits, head, t, ids, a, sm)
     if name == "likelihood":
         return L.LikelihoodDistillationLoss(amap, reduction=reduction)(logits, t, ids, a, sm)
+    if name == "bpm":
+        return L.BPMLoss(amap, ce_weight=0.1, reduction=reduction)(logits, t, ids, a, sm)
+    if name == "escd":
+        return L.ESCDLoss(amap, ce_weight=0.1, reduction=reduction)(logits, t, ids, a, sm)
+    if name == "strict_kd":
+        return L.StrictAlignmentKDLoss(amap, ce_weight=0.1, reduction=reduction)(logits, t, ids, a, sm)
     return L.ApproximateLikelihoodMatchingLoss(tau=10.0, debias=True, student_vocab=amap.student,
                                               teacher_vocab=amap.teacher, reduction=reduction)(
         logits, t, ids, batch["teacher_input_ids"][rows], a, sm, tm)
