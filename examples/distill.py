@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Distil a teacher language model into a student that uses a different tokenizer.
 
-Any of the ctalign losses (``--loss uld|bld|likelihood|alm``; ``--loss ce`` trains the student on
+Any of the ctalign losses (``--loss uld|bld|likelihood|alm|bpm|escd|strict_kd``; ``--loss ce`` trains the student on
 its own cross-entropy only, the baseline), on
 
 * real models from local directories (``--teacher-model DIR --student-model DIR``: Hugging Face
@@ -42,7 +42,7 @@ from ctalign import assets, build_map, load_vocab  # noqa: E402
 from ctalign import losses as L  # noqa: E402
 from ctalign.data import DistillationCollator  # noqa: E402
 
-LOSSES = ("uld", "bld", "likelihood", "alm", "ce")  # ce: no teacher, the baseline to compare with
+LOSSES = ("uld", "bld", "likelihood", "alm", "bpm", "escd", "strict_kd", "ce")  # ce: no teacher, the baseline to compare with
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,6 +255,12 @@ def main(argv=None) -> dict:
         loss_fn = L.ByteLevelDistillationLoss(student_vocab, teacher_vocab, num_bytes=K, temperature=args.temperature)
     elif args.loss == "likelihood":
         loss_fn = L.LikelihoodDistillationLoss(amap, temperature=args.temperature)
+    elif args.loss == "bpm":  # + 0.2 CE as the likelihood loss has; the whitespace row mask is on
+        loss_fn = L.BPMLoss(amap, ce_weight=0.2, temperature=args.temperature)
+    elif args.loss == "escd":
+        loss_fn = L.ESCDLoss(amap, ce_weight=0.2, temperature=args.temperature)
+    elif args.loss == "strict_kd":
+        loss_fn = L.StrictAlignmentKDLoss(amap, ce_weight=0.2, temperature=args.temperature)
     elif args.loss == "alm":
         loss_fn = L.ApproximateLikelihoodMatchingLoss(temperature=args.temperature, student_vocab=student_vocab,
                                                       teacher_vocab=teacher_vocab)
@@ -277,7 +283,7 @@ def main(argv=None) -> dict:
             loss = loss_fn(s_logits, t_logits, ids, a, sm, tm)
         elif args.loss == "bld":
             loss = loss_fn(s_logits, head(hidden), t_logits, ids, a, sm)
-        elif args.loss == "likelihood":
+        elif args.loss in ("likelihood", "bpm", "escd", "strict_kd"):
             loss = loss_fn(s_logits, t_logits, ids, a, sm)
         else:
             loss = L.cross_entropy(s_logits, ids, mask=sm, vocab_size=len(student_vocab))
