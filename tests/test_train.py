@@ -89,7 +89,7 @@ def test_two_copies_of_a_teacher_give_that_teachers_loss(load_test_vocab):
     t_logits = torch.randn(*b["teacher_input_ids"].shape, len(tv), generator=g)
     s_logits = torch.randn(*b["student_input_ids"].shape, len(sv), generator=g)
     tb = TeacherBatch(t_logits, b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"], amap=amap, vocab=tv)
-    for loss in ("likelihood", "uld", "alm"):
+    for loss in ("likelihood", "uld", "alm", "bpm", "escd", "strict_kd"):
         obj = Objective(loss, sv)
         one = obj(s_logits, None, b["student_input_ids"], b["student_loss_mask"], [(1.0, tb)])
         two = obj(s_logits, None, b["student_input_ids"], b["student_loss_mask"], [(0.5, tb), (0.5, tb)])

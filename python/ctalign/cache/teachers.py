@@ -47,21 +47,44 @@ def resolve_teacher(teacher, teacher_vocab=None, name: str | None = None, device
     if not path.exists():
         raise CtalignError(f"{path}: no such teacher model (a transformers folder or a .gguf file)")
     if path.suffix == ".gguf":
-        try:
-            from ctalign.models import load_gguf_model
-        except ImportError as e:  # pragma: no cover - depends on the installed extras
-            raise CtalignError(f"{path}: loading a GGUF teacher needs the train extra "
-                               f"(pip install 'ctalign[train]'): {e}") from None
-        model, vocab = load_gguf_model(path)
+        vocab = load_vocab(path)  # fast; the weights load on the first call (a resumed cache may need none)
     else:
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise CtalignError(f"{path}: loading a transformers teacher needs the train extra "
-                               f"(pip install 'ctalign[train]')") from None
-        model = AutoModelForCausalLM.from_pretrained(path)
         vocab = load_vocab(teacher_vocab if teacher_vocab is not None else path)
-    model.eval()
-    if device is not None:
-        model.to(device)
-    return Teacher(_model_forward(model), vocab, name or path.name)
+    return Teacher(_LazyModel(path, device), vocab, name or path.name)
+
+
+class _LazyModel:
+    """A model file's forward, loading the weights on the first call."""
+
+    def __init__(self, path: Path, device):
+        self.path, self.device, self._forward, self.model = path, device, None, None
+
+    def load(self):
+        if self.model is None:
+            if self.path.suffix == ".gguf":
+                try:
+                    from ctalign.models import load_gguf_model
+                    model, _ = load_gguf_model(self.path)
+                except ImportError as e:
+                    raise CtalignError(f"{self.path}: loading a GGUF teacher needs the train extra "
+                                       f"(pip install 'ctalign[train]'): {e}") from None
+            else:
+                try:
+                    from transformers import AutoModelForCausalLM
+                except ImportError:
+                    raise CtalignError(f"{self.path}: loading a transformers teacher needs the train extra "
+                                       f"(pip install 'ctalign[train]')") from None
+                try:
+                    model = AutoModelForCausalLM.from_pretrained(self.path)
+                except (OSError, ValueError) as e:
+                    raise CtalignError(f"{self.path}: cannot load the teacher with transformers "
+                                       f"({' '.join(str(e).split())[:300]})") from None
+            model.eval()
+            if self.device is not None:
+                model.to(self.device)
+            self.model, self._forward = model, _model_forward(model)
+        return self.model
+
+    def __call__(self, input_ids, attention_mask):
+        self.load()
+        return self._forward(input_ids, attention_mask)

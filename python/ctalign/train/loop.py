@@ -117,7 +117,8 @@ def distill(cfg: DistillConfig, *, return_student: bool = False):
     student = load_student(cfg.student, seed=cfg.seed)
     say(f"student {student.name} ({len(student.vocab):,} ids, "
         f"{sum(p.numel() for p in student.model.parameters()) / 1e6:.1f}M parameters)")
-    specs = [parse_teacher_spec(s) for s in cfg.teachers] if cfg.loss != "sft" else []
+    # With sft the teachers only supply the data (a cache's examples): the same batches as every method.
+    specs = [parse_teacher_spec(s) for s in cfg.teachers]
     total_w = sum(w for _, w in specs) or 1.0
     bq = byte_queries_for(cfg.loss)
     teachers = [TeacherSource(p, w / total_w, student.vocab, max_length=cfg.max_length, byte_queries=bq,
@@ -154,7 +155,7 @@ def distill(cfg: DistillConfig, *, return_student: bool = False):
 
     bpb = {"student_before": bits_per_byte(model, student.vocab, held, max_length=cfg.max_length)}
     for i, t in enumerate(teachers):
-        if t.live:
+        if t.live and cfg.loss != "sft":
             bpb[f"teacher_{i}"] = bits_per_byte(t.model, t.vocab, held, max_length=cfg.max_length)
     say(f"held-out bits per byte: student {bpb['student_before']['bits_per_byte']:.4f}"
         + "".join(f", teacher {k[8:]} {v['bits_per_byte']:.4f}" for k, v in bpb.items() if k.startswith("teacher")))
@@ -179,7 +180,7 @@ def distill(cfg: DistillConfig, *, return_student: bool = False):
             batch = (primary.collate if primary is not None else sft_collate)(docs)
         times["collate"] += time.perf_counter() - t0
         teacher_rows = []
-        for i, t in enumerate(teachers):
+        for i, t in enumerate(teachers if cfg.loss != "sft" else []):
             b = batch if i == 0 else _secondary_batch(t, batch)
             tc = time.perf_counter()
             rows, secs = t.rows_for(b)

@@ -5,14 +5,18 @@ Every teacher contributes its loss on the same student rows, weighted: ``sum_i w
 ``sum_i w_i = 1``. For the KL-type losses (``likelihood``, BLD's KL term) this has the gradient of the
 same loss against the mixed target ``sum_i w_i q_i`` in the student's terms (the cross-entropy is
 linear in the target; the targets' entropies are constants), so mixing losses is mixing targets; for
-ULD and ALM it is the weighted mean of the per-teacher losses.
+ULD and ALM it is the weighted mean of the per-teacher losses. BPM, ESCD and strict-alignment KD
+train with the cross-entropy added at weight :data:`CE_WEIGHT` (likelihood's default), as ULD, BLD and
+ALM train with theirs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-LOSSES = ("sft", "uld", "bld", "likelihood", "alm")
+LOSSES = ("sft", "uld", "bld", "likelihood", "alm", "bpm", "escd", "strict_kd")
+#: the cross-entropy weight the methods without a CE term of their own train with here (likelihood's default)
+CE_WEIGHT = 0.2
 BYTE_QUERIES = 10  # K, the bytes BLD's head predicts per student token
 
 
@@ -77,6 +81,15 @@ class Objective:
             return L.byte_level_distillation_loss(s_logits, self.head(s_hidden), t.rows, s_ids, t.alignment,
                                                   student_vocab=self.student_vocab, teacher_vocab=t.vocab,
                                                   student_mask=s_mask, temperature=T, reduction=red)
+        if self.name == "bpm":
+            return L.bpm_loss(s_logits, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask, temperature=T,
+                              ce_weight=CE_WEIGHT, reduction=red)
+        if self.name == "escd":
+            return L.escd_loss(s_logits, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask, temperature=T,
+                               ce_weight=CE_WEIGHT, reduction=red)
+        if self.name == "strict_kd":
+            return L.strict_kd_loss(s_logits, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
+                                    temperature=T, ce_weight=CE_WEIGHT, reduction=red)
         # alm: added to the student's own cross-entropy, as its authors train it
         ce = L.cross_entropy(s_logits, s_ids, mask=s_mask, vocab_size=Vs, reduction=red)
         rows = None if t.own_logprob is not None else t.rows
