@@ -33,7 +33,9 @@ inline const char* row_ptr(const Logits& x, std::int64_t r) {
   return static_cast<const char*>(x.data) + r * x.row_stride * static_cast<std::int64_t>(elem_size(x.type));
 }
 
-inline bool row_is_bad(double mx, double mn, bool nan) { return nan || !std::isfinite(mx) || !std::isfinite(mn); }
+// A row is refused when it holds NaN or +inf, or has no finite entry (its max is then +inf or -inf);
+// -inf entries are zero mass (masked tokens), like any token far below the row's top.
+inline bool row_is_bad(double mx, double /*mn*/, bool nan) { return nan || !std::isfinite(mx); }
 
 // Rows grouped by the queries that read them: queries of row r are ids[start[r] : start[r + 1]].
 struct QueriesByRow {

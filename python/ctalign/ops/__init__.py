@@ -36,8 +36,9 @@ to 1 within 1e-6 in float32. The float32 kernels count tokens below about e^-140
 as zero mass (log-probabilities below about -130 may come out as ``-inf``); sparse rows count kept
 probabilities below ~1e-38 as zero. Gradients flow to the logits (the backend's backward; float64
 logits run the CPU kernels' float64 path, so ``torch.autograd.gradcheck`` exercises them) or to
-``TopK.logprobs``; outputs equal to ``-inf`` carry no gradient. Bad input raises ``TypeError``
-(types, dtypes) or ``ValueError`` (shapes, devices, ids out of range, non-finite logits, logits
+``TopK.logprobs``; outputs equal to ``-inf`` carry no gradient. ``-inf`` logits are zero mass everywhere (masked vocabularies, logit processors); a row
+holding NaN or +inf, or with no finite entry, is an error. Bad input raises ``TypeError``
+(types, dtypes) or ``ValueError`` (shapes, devices, ids out of range, such logits rows, logits
 narrower than the map's teacher, ``teacher=``/``student=`` vocabularies a map was not built for)
 naming the problem. Finite-logit checking is free on CPU (the kernel reports it); on CUDA it synchronises once
 per call unless :data:`check_finite` is set to False.
@@ -141,8 +142,8 @@ def _compiled_topk(idx: torch.Tensor) -> bool:
 def _raise_nonfinite(op: str, bad_rows: torch.Tensor) -> None:
     if bool(bad_rows.any()):
         r = int(bad_rows.nonzero()[0])
-        raise NonFiniteLogitsError(f"{op}: logits row {r} holds NaN or infinite values (or overflows at this temperature)",
-                                   r)
+        raise NonFiniteLogitsError(f"{op}: logits row {r} holds NaN or infinite values: NaN, +inf or no finite "
+                                   f"entry (or overflows at this temperature); -inf entries alone are fine", r)
 
 
 def _check_rows_finite(op: str, x: torch.Tensor, n_tokens: int, lse: torch.Tensor | None,
@@ -156,7 +157,9 @@ def _check_rows_finite(op: str, x: torch.Tensor, n_tokens: int, lse: torch.Tenso
         _raise_nonfinite(op, bad)
         return
     used = x[:, :n_tokens]
-    bad = ~torch.isfinite(used).all(dim=-1)
+    # NaN, +inf, or no finite entry; -inf entries are zero mass (masked tokens)
+    bad = torch.isnan(used).any(dim=-1) | ~torch.isfinite(used.amax(dim=-1)) if used.shape[-1] else \
+        torch.ones(used.shape[0], dtype=torch.bool, device=used.device)
     if rows is not None:
         keep = torch.zeros_like(bad).index_fill(0, rows, True)
         bad = bad & keep
