@@ -210,7 +210,7 @@ def mutate_hf(rng: random.Random, doc: dict) -> dict:
                  if rng.random() < 0.3 else _pick(rng, ["<s>", "zz", "the", "Ġ"]), "single_word": False,
                  "lstrip": False, "rstrip": False, "normalized": rng.random() < 0.5, "special": rng.random() < 0.5}
             doc["added_tokens"].append(a)
-        elif op == 8 and m["type"] == "Unigram":
+        elif op == 8 and m["type"] == "Unigram" and isinstance(v, list) and v:
             e = _pick(rng, v)
             c = rng.randrange(4)
             if c == 0:
