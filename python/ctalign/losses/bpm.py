@@ -120,8 +120,13 @@ class _BPMPlan:
         if flat.numel() == 0:
             return torch.full((0, Vs + 1), _NEG_INF, dtype=self.dtype, device=self.device)
         uniq, inv = torch.unique(flat, return_inverse=True)
-        out = ops._grouped("bpm_targets", _select_rows(self.teacher_rows, uniq), self.amap.n_teacher,
-                           "the map's teacher vocabulary", t_tab, Vs + 1, temperature)
+        lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+        if not _is_topk(self.teacher_rows) and hi - lo <= 2 * len(uniq):
+            rows, inv = self.teacher_rows[lo:hi], flat - lo  # a view: no copy of the teacher rows
+        else:
+            rows = _select_rows(self.teacher_rows, uniq)
+        out = ops._grouped("bpm_targets", rows, self.amap.n_teacher, "the map's teacher vocabulary", t_tab, Vs + 1,
+                           temperature)
         return out.to(self.dtype)[inv]
 
 
@@ -163,12 +168,10 @@ def _kl_columns(target_lp: torch.Tensor, student_lp: torch.Tensor, drop_residual
         s = s - torch.where(torch.isfinite(zs), zs, torch.zeros_like(zs))
     else:
         keep = torch.isfinite(t).any(-1)
+    # p = 0 columns: t = -inf -> any finite value (p * t = 0); p > 0: s floored so the term stays finite
     p = t.exp()
-    has = p > 0
-    zero = torch.zeros((), dtype=t.dtype, device=t.device)
-    t_safe = torch.where(has, t, zero)
-    s_safe = torch.where(has, s.clamp_min(_LOG_FLOOR), zero)
-    kl = (p * (t_safe - s_safe)).sum(-1)
+    t_c, s_c = t.clamp_min(-1e4), s.clamp_min(_LOG_FLOOR)
+    kl = torch.bmm(p[:, None, :], (t_c - s_c)[:, :, None])[:, 0, 0]
     return kl, keep
 
 
