@@ -1,5 +1,7 @@
 """Cross-tokenizer distillation losses: ULD, BLD (+ ByteHead), likelihood scoring, ALM, BPM, ESCD,
-strict-alignment KD (+ row masks against whitespace collapse: ``row_masks``).
+strict-alignment KD (+ row masks against whitespace collapse: ``row_masks``); ``fused``: the same
+losses from the student's last hidden states and output layer (``*_from_hidden``, ``FusedStudentHead``),
+never materialising its ``[B, L, V]`` logits.
 
 Every loss is an ``nn.Module`` with a functional twin (``uld_loss``, ``byte_level_distillation_loss``,
 ``likelihood_distillation_loss``, ``alm_loss``). Definitions: ``docs/design.md``.
@@ -44,6 +46,9 @@ from ctalign.losses.bpm import BPMTargets, bpm_targets, bpm_loss, BPMLoss  # noq
 from ctalign.losses.escd import ESCDChild, escd_child_term, escd_loss, ESCDLoss  # noqa: F401
 from ctalign.losses.strict_kd import strict_positions, strict_kd_loss, StrictAlignmentKDLoss  # noqa: F401
 from ctalign.losses.row_masks import whitespace_tokens, whitespace_row_mask, combine_row_masks  # noqa: F401
+from ctalign.losses.fused import (LMHead, FusedStudentHead, cross_entropy_from_hidden, likelihood_loss_from_hidden,
+                                  bpm_loss_from_hidden, escd_loss_from_hidden, strict_kd_loss_from_hidden,
+                                  uld_loss_from_hidden, bld_loss_from_hidden)  # noqa: F401
 
 __all__ = [
     "ULDLoss", "uld_loss", "ByteHead", "ByteLevelDistillationLoss", "byte_level_distillation_loss",
@@ -53,4 +58,6 @@ __all__ = [
     "BPMLoss", "bpm_loss", "bpm_targets", "BPMTargets", "ESCDLoss", "escd_loss", "escd_child_term", "ESCDChild",
     "StrictAlignmentKDLoss", "strict_kd_loss", "strict_positions", "whitespace_tokens", "whitespace_row_mask",
     "combine_row_masks",
+    "LMHead", "FusedStudentHead", "cross_entropy_from_hidden", "likelihood_loss_from_hidden", "bpm_loss_from_hidden",
+    "escd_loss_from_hidden", "strict_kd_loss_from_hidden", "uld_loss_from_hidden", "bld_loss_from_hidden",
 ]
