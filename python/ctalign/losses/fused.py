@@ -205,7 +205,7 @@ def _sweep(plan: _Plan, head: LMHead, hidden: torch.Tensor, weight, bias, *, gra
     sums = [torch.zeros((), dtype=torch.float64, device=hidden.device) for _ in plan.terms]
     none_out = None
     if plan.reduction == "none" and not grads:
-        none_out = torch.zeros(B, Ls, dtype=torch.float32, device=hidden.device)
+        none_out = torch.zeros(B, Ls, dtype=_acc(hidden), device=hidden.device)
     dh = dW = db = None
     if grads:
         if want_h:
@@ -237,7 +237,8 @@ def _sweep(plan: _Plan, head: LMHead, hidden: torch.Tensor, weight, bias, *, gra
                     v = v * t.factor[e0:e1].to(v.dtype)
                 sums[ti] = sums[ti] + v.detach().double().sum()
                 if none_out is not None:
-                    none_out.index_put_((t.qb[e0:e1], t.qj[e0:e1]), (t.weight * v.detach()).float(), accumulate=True)
+                    none_out.index_put_((t.qb[e0:e1], t.qj[e0:e1]), (t.weight * v.detach()).to(none_out.dtype),
+                                       accumulate=True)
                 if grads:
                     if grad_none is not None:
                         w = (t.weight * grad_none[t.qb[e0:e1], t.qj[e0:e1]]).to(v.dtype)
@@ -248,7 +249,7 @@ def _sweep(plan: _Plan, head: LMHead, hidden: torch.Tensor, weight, bias, *, gra
         if grads and contrib is not None and contrib.requires_grad:
             dz, = torch.autograd.grad(contrib, z)
             if dh is not None:
-                dh.index_copy_(0, rows_c, (dz @ weight).to(dh.dtype))
+                dh.index_copy_(0, rows_c, _rows_matmul(dz, weight).to(dh.dtype))
             if dW is not None or db is not None:
                 dzf = dz if dz.dtype == (dW.dtype if dW is not None else db.dtype) else dz.to(
                     dW.dtype if dW is not None else db.dtype)
@@ -261,6 +262,18 @@ def _sweep(plan: _Plan, head: LMHead, hidden: torch.Tensor, weight, bias, *, gra
     if dh is not None:
         dh = dh.view_as(hidden)
     return sums, none_out, dh, dW, db
+
+
+def _rows_matmul(dz: torch.Tensor, weight: torch.Tensor, min_rows: int = 16) -> torch.Tensor:
+    """``dz @ weight`` for a chunk's rows. A BLAS product of very few rows (a chunk's last ones) over
+    the long vocabulary dimension takes a path that rounds ~30x more than the unfused product over
+    all rows (measured: 8 rows or fewer, float32); zero rows padded up to ``min_rows`` keep it at the
+    unfused level, at a negligible cost."""
+    m = dz.shape[0]
+    if m >= min_rows or dz.dtype == torch.float64:
+        return dz @ weight
+    pad = torch.cat([dz, dz.new_zeros(min_rows - m, dz.shape[1])])
+    return (pad @ weight)[:m]
 
 
 class _FusedHeadFunction(torch.autograd.Function):
@@ -280,14 +293,13 @@ class _FusedHeadFunction(torch.autograd.Function):
                 total = total + c * s
             return total.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
         ctx.save_for_backward(hidden, weight, bias)
-        return none_out.to(torch.float64) if hidden.dtype == torch.float64 else none_out
+        return none_out
 
     @staticmethod
     def backward(ctx, g):
         need = ctx.needs_input_grad
         if ctx.scalar:
-            dh, dW, db = ctx.grads
-            ctx.grads = None
+            dh, dW, db = ctx.grads  # kept: a retained graph may run backward again
         else:
             hidden, weight, bias = ctx.saved_tensors
             _, _, dh, dW, db = _sweep(ctx.plan, ctx.head, hidden, weight, bias, grads=True, want_h=need[0],
@@ -425,9 +437,10 @@ def likelihood_loss_from_hidden(hidden, head, teacher_logits, student_ids, align
                 s = torch.log_softmax(_float(_rows_of(x, local)[:, :Vs]) / temperature, -1)
                 return _kl_rows(t, s, top_k)
         else:
-            lp_top = torch.cat([p[2] for p in parts])
-            idx = torch.cat([p[3] for p in parts])
-            rest = torch.cat([p[4] for p in parts])
+            k_ = min(top_k, Vs)
+            lp_top = torch.cat([p[2] for p in parts]) if parts else torch.zeros(0, k_, device=dev)
+            idx = torch.cat([p[3] for p in parts]) if parts else torch.zeros(0, k_, dtype=torch.long, device=dev)
+            rest = torch.cat([p[4] for p in parts]) if parts else torch.zeros(0, device=dev)
 
             def fn(x, local, e):
                 s = torch.log_softmax(_float(_rows_of(x, local)[:, :Vs]) / temperature, -1)
@@ -496,7 +509,12 @@ def _bpm_root_term(weight, teacher_logits, amap, alignment, ids, target, kept, t
         t = rows_of(qb[e], qj[e])
         s = ops._grouped("bpm_student", _rows_of(x, local), Vs, "the map's student vocabulary", s_tab, Vs + 1,
                          temperature)
-        v, k = _kl_columns(t, s, drop)
+        if t.shape[0] == 1:
+            # _kl_columns' batched dot takes another (less exact) path for a batch of one row than for
+            # the unfused loss's batches: duplicated, the row's value is the unfused one
+            v, k = (r[:1] for r in _kl_columns(torch.cat([t, t]), torch.cat([s, s]), drop))
+        else:
+            v, k = _kl_columns(t, s, drop)
         if not bool(k.all()):
             raise RuntimeError("fused BPM: a kept target row met a student row with no mass outside the residual "
                                "(underflow); use the unfused bpm_loss for these logits")
