@@ -33,6 +33,9 @@ def add_parser(sub, common) -> None:
     d.add_argument("--on-policy", type=float, default=0.0, metavar="P",
                    help="share of steps on the student's own sampled continuations (live teachers)")
     d.add_argument("--on-policy-tokens", type=int, default=32)
+    d.add_argument("--fused", action="store_true",
+                   help="losses from the student's hidden states and output layer, a chunk of positions at a time "
+                        "(never its [batch, length, vocab] logits; not for alm)")
     d.add_argument("--no-save", action="store_true", help="do not save the student")
     d.add_argument("--json", action="store_true", help="print the report as one JSON object")
     common(d)
@@ -47,7 +50,8 @@ def run(args, progress: bool) -> int:
                         warmup_steps=args.warmup_steps, temperature=args.temperature,
                         top_k=args.top_k or None, eval_every=args.eval_every, eval_texts=args.eval_texts,
                         seed=args.seed, threads=args.threads, on_policy=args.on_policy,
-                        on_policy_tokens=args.on_policy_tokens, save=not args.no_save, progress=progress)
+                        on_policy_tokens=args.on_policy_tokens, save=not args.no_save, progress=progress,
+                        fused=args.fused)
     rep = distill(cfg)
     print(json.dumps(rep, sort_keys=True) if args.json else format_report(rep))
     return 0

@@ -48,6 +48,7 @@ class DistillConfig:
     on_policy_tokens: int = 32
     save: bool = True
     progress: bool = True
+    fused: bool = False                                 # losses from hidden states + lm_head (no [B, L, V] logits)
 
     def check(self) -> None:
         from ctalign.train.objectives import LOSSES
@@ -64,6 +65,8 @@ class DistillConfig:
             raise CtalignError(f"schedule must be constant, linear or cosine, got {self.schedule!r}")
         if not 0.0 <= self.on_policy <= 1.0:
             raise CtalignError(f"on-policy share must be within [0, 1], got {self.on_policy}")
+        if self.fused and self.loss == "alm":
+            raise CtalignError("the alm loss has no fused form (--fused)")
         if not self.eval:
             raise CtalignError("an evaluation file is needed (--eval): held-out bits per byte is the result")
 
@@ -144,12 +147,14 @@ def distill(cfg: DistillConfig, *, return_student: bool = False):
     held = _eval_texts(cfg)
     model = student.model
     model.train()
-    ddp = model
+    forward = _LastHidden(model) if cfg.fused else model  # --fused: hidden states, the head in the loss
+    ddp = forward
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp = torch.nn.parallel.DistributedDataParallel(forward)
     hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
     objective = Objective(cfg.loss, student.vocab, temperature=cfg.temperature, top_k=cfg.top_k,
-                          hidden_size=hidden_size, reduction="global_mean" if world > 1 else "mean")
+                          hidden_size=hidden_size, reduction="global_mean" if world > 1 else "mean",
+                          student_head=model if cfg.fused else None)
     params = [p for p in model.parameters() if p.requires_grad] + objective.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -189,9 +194,12 @@ def distill(cfg: DistillConfig, *, return_student: bool = False):
             teacher_rows.append((t.weight, rows))
         s_ids, s_att, s_mask = batch["student_input_ids"], batch["student_attention_mask"], batch["student_loss_mask"]
         ts = time.perf_counter()
-        output = ddp(input_ids=s_ids, attention_mask=s_att, output_hidden_states=cfg.loss == "bld")
-        s_logits = output.logits
-        hidden = output.hidden_states[-1] if cfg.loss == "bld" else None
+        if cfg.fused:
+            s_logits, hidden = None, ddp(input_ids=s_ids, attention_mask=s_att)
+        else:
+            output = ddp(input_ids=s_ids, attention_mask=s_att, output_hidden_states=cfg.loss == "bld")
+            s_logits = output.logits
+            hidden = output.hidden_states[-1] if cfg.loss == "bld" else None
         times["student_forward"] += time.perf_counter() - ts
         tl = time.perf_counter()
         loss = objective(s_logits, hidden, s_ids, s_mask, teacher_rows)
@@ -241,6 +249,26 @@ def distill(cfg: DistillConfig, *, return_student: bool = False):
         plot_curves(out / "metrics.jsonl", evals, out / "curves.png", cfg.loss)
         write_report(report, out)
     return (report, student) if return_student else report
+
+
+def _last_hidden_module():
+    import torch
+
+    class LastHidden(torch.nn.Module):
+        """The student's last hidden states (after its final norm): the base model's output, so that
+        DDP wraps the whole model (the output layer's gradient comes from the fused loss)."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+    return LastHidden
+
+
+def _LastHidden(model):
+    return _last_hidden_module()(model)
 
 
 def _secondary_batch(t, batch: dict) -> dict:

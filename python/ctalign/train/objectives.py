@@ -41,10 +41,15 @@ class Objective:
     """``loss(student_logits, student_hidden, student_ids, student_mask, teachers) -> scalar``."""
 
     def __init__(self, loss: str, student_vocab, *, temperature: float = 1.0, top_k: int | None = 64,
-                 hidden_size: int | None = None, reduction: str = "mean"):
+                 hidden_size: int | None = None, reduction: str = "mean", student_head=None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
         from ctalign import losses as L
+        # fused (--fused): the losses from the student's last hidden states and this output layer
+        # (ctalign.losses.fused.LMHead), never its [B, L, V] logits; s_logits is then None
+        self.student_head = None if student_head is None else L.LMHead.of(student_head)
+        if self.student_head is not None and loss == "alm":
+            raise ValueError("the alm loss has no fused form (--fused): it reads the student's chunk log-probabilities")
 
         self.name, self.student_vocab, self.temperature, self.top_k = loss, student_vocab, temperature, top_k
         self.reduction = reduction  # "global_mean" under DDP: the mean over the whole global batch
@@ -61,6 +66,9 @@ class Objective:
     def __call__(self, s_logits, s_hidden, s_ids, s_mask, teachers: list[tuple[float, TeacherBatch]]):
         L, Vs = self._L, len(self.student_vocab)
         if self.name == "sft" or not teachers:
+            if self.student_head is not None:
+                return L.cross_entropy_from_hidden(s_hidden, self.student_head, s_ids, mask=s_mask, vocab_size=Vs,
+                                                   reduction=self.reduction)
             return L.cross_entropy(s_logits, s_ids, mask=s_mask, vocab_size=Vs, reduction=self.reduction)
         total = 0.0
         for weight, t in teachers:
@@ -70,6 +78,8 @@ class Objective:
     def _one(self, s_logits, s_hidden, s_ids, s_mask, t: TeacherBatch):
         L, Vs, T, red = self._L, len(self.student_vocab), self.temperature, self.reduction
         Vt = len(t.vocab)
+        if self.student_head is not None:
+            return self._fused(s_hidden, s_ids, s_mask, t)
         if self.name == "uld":
             return L.uld_loss(s_logits, t.rows, s_ids, alignment=t.alignment, student_mask=s_mask,
                               teacher_mask=t.loss_mask, top_k=self.top_k or 256, temperature=T,
@@ -96,3 +106,27 @@ class Objective:
         return ce + L.alm_loss(s_logits, rows, s_ids, t.input_ids, t.alignment, student_mask=s_mask,
                                teacher_mask=t.loss_mask, temperature=T, student_vocab=self.student_vocab,
                                teacher_vocab=t.vocab, teacher_own_logprob=t.own_logprob, reduction=red)
+
+    def _fused(self, s_hidden, s_ids, s_mask, t: TeacherBatch):
+        """:meth:`_one` from the student's last hidden states and output layer (ctalign.losses.fused)."""
+        L, Vs, T, red, hd = self._L, len(self.student_vocab), self.temperature, self.reduction, self.student_head
+        if self.name == "uld":
+            return L.uld_loss_from_hidden(s_hidden, hd, t.rows, s_ids, alignment=t.alignment, student_mask=s_mask,
+                                          teacher_mask=t.loss_mask, top_k=self.top_k or 256, temperature=T,
+                                          student_vocab_size=Vs, teacher_vocab_size=len(t.vocab), align="byte",
+                                          reduction=red)
+        if self.name == "likelihood":
+            return L.likelihood_loss_from_hidden(s_hidden, hd, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
+                                                 temperature=T, top_k=self.top_k, reduction=red)
+        if self.name == "bld":
+            return L.bld_loss_from_hidden(s_hidden, hd, self.head(s_hidden), t.rows, s_ids, t.alignment,
+                                          student_vocab=self.student_vocab, teacher_vocab=t.vocab, student_mask=s_mask,
+                                          temperature=T, reduction=red)
+        if self.name == "bpm":
+            return L.bpm_loss_from_hidden(s_hidden, hd, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
+                                          temperature=T, ce_weight=CE_WEIGHT, reduction=red)
+        if self.name == "escd":
+            return L.escd_loss_from_hidden(s_hidden, hd, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
+                                           temperature=T, ce_weight=CE_WEIGHT, reduction=red)
+        return L.strict_kd_loss_from_hidden(s_hidden, hd, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
+                                            temperature=T, ce_weight=CE_WEIGHT, reduction=red)
