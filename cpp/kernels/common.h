@@ -57,20 +57,6 @@ inline QueriesByRow group_queries(std::int64_t n_rows, const std::int64_t* rows,
   return g;
 }
 
-// e[t] = e^(x_r[t] / T - max) 2^kBias for t < V, the range and trie kernels' shifted softmax of row r:
-// false for a row with a non-finite logit (e untouched), else *shift = the row's max of x / T and
-// *z = the sum of e.
-template <class C>
-bool exp_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, C scale, C* e, double* z, double* shift) {
-  const char* row = row_ptr(x, r);
-  RowStats<C> st;
-  k.stats(row, x.vocab_size, scale, &st);
-  if (row_is_bad(st.max, st.min, st.nan)) return false;
-  *shift = st.max;
-  *z = k.exp_store(row, x.vocab_size, scale, st.max, e);
-  return true;
-}
-
 // A thread's buffers for the range and trie kernels, reused from row to row.
 template <class C>
 struct RangeScratch {

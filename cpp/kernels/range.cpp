@@ -122,9 +122,14 @@ void range_forward(const Logits& x, const RangeQueries& q, Out* out, Out* lse, i
     std::fill(sc.sorted.begin() + m, sc.sorted.end(), C(0));  // range_mass reads past the end
     sc.s.resize(m + 1);
     const std::int64_t r = byrow.active_rows[item];
+    const char* row = row_ptr(x, r);
+    RowStats<C> st;
+    k.stats(row, v, scale, &st);
+    const bool bad = row_is_bad(st.max, st.min, st.nan);
     double z = 1, shift = 0;
-    const bool bad = !exp_row(k, x, r, scale, sc.e.data(), &z, &shift);
     if (!bad) {
+      shift = st.max;
+      z = k.exp_store(row, v, scale, static_cast<C>(shift), sc.e.data());
       to_sorted(sc.e.data(), rank.data(), v, sc.sorted.data());
       prefix_sums(sc.sorted.data(), m, sc.s.data());
     }
@@ -166,11 +171,14 @@ void range_backward(const Logits& x, const RangeQueries& q, const Out* out, cons
     RangeScratch<C>& sc = scratch[tid];
     sc.e.resize(v);
     sc.s.resize(m + 1);
-    double z = 0, shift = 0;
-    if (!exp_row(k, x, r, scale, sc.e.data(), &z, &shift)) {
+    const char* row = row_ptr(x, r);
+    RowStats<C> st;
+    k.stats(row, v, scale, &st);
+    if (row_is_bad(st.max, st.min, st.nan)) {
       std::fill(dx, dx + grad_width, static_cast<Out>(kNaN));
       return;
     }
+    const double z = k.exp_store(row, v, scale, st.max, sc.e.data());
     // Difference array over order positions (reusing s): the summed weight of the ranges covering
     // each position, w = g e^{-out} / z for every range with mass and gradient.
     std::vector<double>& d = sc.s;

@@ -62,8 +62,15 @@ void trie_forward(const Logits& x, const TrieQueries& q, Out* out, Out* lse, int
     std::vector<Out>& logs = logs_of[tid];
     sc.e.resize(v);
     const std::int64_t r = byrow.active_rows[item];
+    const char* row = row_ptr(x, r);
+    RowStats<C> st;
+    k.stats(row, v, scale, &st);
+    const bool bad = row_is_bad(st.max, st.min, st.nan);
     double z = 1, shift = 0;
-    const bool bad = !exp_row(k, x, r, scale, sc.e.data(), &z, &shift);
+    if (!bad) {
+      shift = st.max;
+      z = k.exp_store(row, v, scale, static_cast<C>(shift), sc.e.data());
+    }
     for (std::int64_t j = byrow.start[r]; j < byrow.start[r + 1]; ++j) {
       const std::int64_t qi = byrow.ids[j];
       Out* o = out + qi * width;
@@ -109,11 +116,14 @@ void trie_backward(const Logits& x, const TrieQueries& q, const Out* grad_out, O
     if (byrow.start[r + 1] == byrow.start[r]) return;
     RangeScratch<C>& sc = scratch[tid];
     sc.e.resize(v);
-    double z = 0, shift = 0;
-    if (!exp_row(k, x, r, scale, sc.e.data(), &z, &shift)) {
+    const char* row = row_ptr(x, r);
+    RowStats<C> st;
+    k.stats(row, v, scale, &st);
+    if (row_is_bad(st.max, st.min, st.nan)) {
       std::fill(dx, dx + grad_width, static_cast<Out>(kNaN));
       return;
     }
+    k.exp_store(row, v, scale, st.max, sc.e.data());
     const C* e = sc.e.data();
     for (std::int64_t j = byrow.start[r]; j < byrow.start[r + 1]; ++j) {
       const std::int64_t qi = byrow.ids[j];
