@@ -75,13 +75,19 @@ class TinyGPT(nn.Module):
         nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
 
-    def forward(self, ids, attention_mask=None):
+    def hidden_states(self, ids, attention_mask=None):
         T = ids.shape[1]
         x = self.tok(ids) + self.pos(torch.arange(T, device=ids.device))[None]
         causal = torch.triu(torch.full((T, T), float("-inf"), device=ids.device), 1)
         for blk in self.blocks:
             x = blk(x, causal)
-        h = self.ln(x)
+        return self.ln(x)
+
+    def output_head(self):
+        return L.LMHead(self.tok.weight)  # tied: the token embeddings
+
+    def forward(self, ids, attention_mask=None):
+        h = self.hidden_states(ids, attention_mask)
         return h @ self.tok.weight.T, h  # logits, last hidden states
 
 
@@ -93,6 +99,12 @@ class HFModel(nn.Module):
         from transformers import AutoModelForCausalLM
         self.model = AutoModelForCausalLM.from_pretrained(path)
         self.hidden_size = self.model.config.hidden_size
+
+    def hidden_states(self, ids, attention_mask=None):
+        return self.model.base_model(input_ids=ids, attention_mask=attention_mask)[0]
+
+    def output_head(self):
+        return L.LMHead.of(self.model)  # tied or not, with the config's logit soft-capping / scaling
 
     def forward(self, ids, attention_mask=None):
         out = self.model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -185,7 +197,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="distill-out", help="output folder (plot, summary)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    p.add_argument("--fused", action="store_true",
+                   help="the student's losses from its hidden states and output layer, a chunk of positions at a "
+                        "time (ctalign.losses.fused: no [batch, length, vocab] student logits; not for alm)")
+    args = p.parse_args(argv)
+    if args.fused and args.loss == "alm":
+        p.error("--fused: the alm loss has no fused form")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -276,10 +294,24 @@ def main(argv=None) -> dict:
     for b in bar:
         with torch.no_grad():
             t_logits, _ = teacher(b["teacher_input_ids"], b["teacher_attention_mask"])
-        s_logits, hidden = student(b["student_input_ids"], b["student_attention_mask"])
         ids, a = b["student_input_ids"], b["alignment"]
         sm, tm = b["student_loss_mask"], b["teacher_loss_mask"]
-        if args.loss == "uld":
+        if args.fused:
+            hidden = student.hidden_states(ids, b["student_attention_mask"])
+            fused = L.FusedStudentHead(student.output_head(), loss_fn)
+            if args.loss == "uld":
+                loss = fused(hidden, t_logits, ids, a, sm, tm)
+            elif args.loss == "bld":
+                loss = fused(hidden, head(hidden), t_logits, ids, a, sm)
+            elif loss_fn is not None:
+                loss = fused(hidden, t_logits, ids, a, sm)
+            else:
+                loss = fused(hidden, ids, sm, vocab_size=len(student_vocab))
+        else:
+            s_logits, hidden = student(ids, b["student_attention_mask"])
+        if args.fused:
+            pass
+        elif args.loss == "uld":
             loss = loss_fn(s_logits, t_logits, ids, a, sm, tm)
         elif args.loss == "bld":
             loss = loss_fn(s_logits, head(hidden), t_logits, ids, a, sm)

@@ -474,3 +474,19 @@ def test_distill_fused_runs_a_step(tmp_path):
     assert abs(rep["final_loss"] - ref["final_loss"]) <= 1e-4 * ref["final_loss"]
     with pytest.raises(CtalignError, match="no fused form"):
         distill(DistillConfig(out=str(tmp_path / "a"), fused=True, **{**kw, "loss": "alm", "teachers": ["x"]}))
+
+
+@pytest.mark.parametrize("loss", ["uld", "likelihood", "ce"])
+def test_example_distill_fused_matches_unfused(loss, tmp_path):
+    """examples/distill.py --fused (TinyGPT's tied output layer): the same training curve as without."""
+    pytest.importorskip("matplotlib")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ctalign_example_distill_fused", ROOT / "examples" / "distill.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    quick = ["--loss", loss, "--steps", "2", "--teacher-steps", "2", "--batch-size", "3", "--max-length", "32",
+             "--eval-texts", "2", "--chunk-chars", "100", "--no-progress", "--threads", "1"]
+    a = mod.main(quick + ["--out", str(tmp_path / "u")])
+    b = mod.main(quick + ["--out", str(tmp_path / "f"), "--fused"])
+    assert abs(a["final_loss"] - b["final_loss"]) <= 1e-4 * abs(a["final_loss"])
+    assert abs(a["bits_per_byte"]["student_after"] - b["bits_per_byte"]["student_after"]) <= 1e-4
