@@ -158,7 +158,10 @@ _RUN = textwrap.dedent("""
 
 def _run_script(out: Path, delay: float = 0.0, rank: int = 0, world: int = 1, kill_after: float | None = None):
     code = _RUN.format(tests=str(ROOT / "tests"), delay=delay, rank=rank, world=world)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    # the subprocess imports the same ctalign as this process (installed in CI, the working tree in development)
+    package_parent = str(Path(__import__("ctalign").__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_parent] + ([os.environ["PYTHONPATH"]]
+                                                                          if os.environ.get("PYTHONPATH") else []))}
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], env=env, stderr=subprocess.PIPE)
     if kill_after is None:
         _, err = proc.communicate(timeout=300)

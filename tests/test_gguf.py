@@ -191,7 +191,11 @@ def test_smollm_matches_its_own_tokenizer_but_the_digit_rule(smollm, capsys):
 
 
 def _cli(*args, env=None):
-    e = dict(os.environ, PYTHONPATH=str(ROOT / "python"), **(env or {}))
+    # the subprocess imports the same ctalign as this process (installed in CI, the working tree in development)
+    package_parent = str(Path(__import__("ctalign").__file__).resolve().parents[1])
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([package_parent] + ([os.environ["PYTHONPATH"]]
+                                                                        if os.environ.get("PYTHONPATH") else [])),
+             **(env or {}))
     return subprocess.run([sys.executable, "-m", "ctalign.cli", *args], capture_output=True, text=True, env=e)
 
 

@@ -669,8 +669,11 @@ def worker_main() -> None:
 class Worker:
     def __init__(self):
         root = Path(__file__).resolve().parents[2]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "python"), str(root)]
-                                                          + [os.environ["PYTHONPATH"]] * bool(os.environ.get("PYTHONPATH"))),
+        # the worker imports the same ctalign as this process (installed in CI, the working tree in
+        # development) and tests.fuzz from the checkout
+        package_parent = str(Path(__import__("ctalign").__file__).resolve().parents[1])
+        paths = [package_parent, str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths),
                "RUST_BACKTRACE": "0", "OMP_NUM_THREADS": "1", "CTALIGN_NUM_THREADS": "1"}
         self.p = subprocess.Popen([sys.executable, "-m", "tests.fuzz.campaign", "--worker"], cwd=root, env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
