@@ -128,8 +128,9 @@ class LMHead:
 
 
 def default_chunk_size(width: int) -> int:
-    """Rows per chunk: a power of two near 2**24 / V logits (about 64 MB of float32), in [32, 1024]."""
-    c = 2 ** int(round(math.log2(max(1.0, 2 ** 24 / max(int(width), 1)))))
+    """Rows per chunk: a power of two near 2**22 / V logits (about 16 MB of float32 per chunk-sized
+    temporary), in [32, 1024]."""
+    c = 2 ** int(round(math.log2(max(1.0, 2 ** 22 / max(int(width), 1)))))
     return int(min(1024, max(32, c)))
 
 
@@ -286,20 +287,26 @@ class _FusedHeadFunction(torch.autograd.Function):
                                             want_w=need[1], want_b=need[2])
         ctx.plan, ctx.head, ctx.scalar = plan, head, scalar
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(hidden, weight, bias)
         if scalar:
-            ctx.grads = (dh, dW, db)
+            ctx.grads = (dh, dW, db) if grads else None
             total = torch.zeros((), dtype=torch.float64, device=hidden.device)
             for c, s in zip(plan.coef, sums):
                 total = total + c * s
             return total.to(torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-        ctx.save_for_backward(hidden, weight, bias)
         return none_out
 
     @staticmethod
     def backward(ctx, g):
         need = ctx.needs_input_grad
-        if ctx.scalar:
-            dh, dW, db = ctx.grads  # kept: a retained graph may run backward again
+        if ctx.scalar and ctx.grads is not None:
+            # handed over (not kept: autograd can then take them as the .grad without a copy); a second
+            # backward through a retained graph sweeps again
+            (dh, dW, db), ctx.grads = ctx.grads, None
+        elif ctx.scalar:
+            hidden, weight, bias = ctx.saved_tensors
+            _, _, dh, dW, db = _sweep(ctx.plan, ctx.head, hidden, weight, bias, grads=True, want_h=need[0],
+                                      want_w=need[1], want_b=need[2])
         else:
             hidden, weight, bias = ctx.saved_tensors
             _, _, dh, dW, db = _sweep(ctx.plan, ctx.head, hidden, weight, bias, grads=True, want_h=need[0],
