@@ -10,7 +10,8 @@
 // for fp64 logits (the fp64 path computes in double throughout, for gradcheck and high precision).
 //
 // Non-finite input (NaN or +inf anywhere in a row's used columns, or no finite entry) is reported, not
-// thrown: that row's lse and outputs are NaN. -inf entries are zero mass (masked tokens). Callers check lse (O(n_rows)) and raise; no second pass is needed.
+// thrown: that row's lse and outputs are NaN; -inf entries are zero mass (masked tokens). Callers
+// check lse (O(n_rows)) and raise; no second pass is needed.
 //
 // Numerics (fp32/bf16/fp16): e^(x/T - shift) 2^90 in float (fast_math.h), summed in double; d = x/T -
 // shift is formed with one rounding (fused multiply-subtract), so the top tokens (|d| <= 24) keep
