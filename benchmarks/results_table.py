@@ -60,6 +60,11 @@ def main(argv=None) -> int:
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--train-examples", type=int, default=240)
     p.add_argument("--eval-texts", type=int, default=48)
+    p.add_argument("--student", default=None,
+                   help="student spec (default: the SmolLM2-135M-Instruct GGUF, fine-tuned); e.g. "
+                        "scratch:SMOLLM2_GGUF:d=192,layers=4,heads=4 for a small student trained from scratch")
+    p.add_argument("--setting", default="SmolLM2-135M-Instruct, fine-tuned", help="how the table names the student")
+    p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--out", default="runs/results")
     p.add_argument("--table", default=str(ROOT / "docs" / "results.md"))
     args = p.parse_args(argv)
@@ -78,19 +83,25 @@ def main(argv=None) -> int:
         log_file.flush()
 
     teacher = str(assets.path("gemma3-gguf"))
-    student = str(assets.path("smollm2-gguf"))
+    student = args.student or str(assets.path("smollm2-gguf"))
+    student = student.replace("SMOLLM2_GGUF", str(assets.path("smollm2-gguf")))
     examples = read_examples([assets.path(n) for n in PLAYS], chunk_chars=600)
     step = max(len(examples) // args.train_examples, 1)
     chosen = examples[::step][: args.train_examples]
     train = out / "train.jsonl"
     train.write_text("".join(json.dumps({"text": ex.text}) + "\n" for ex in chosen))
     held = str(assets.path("botchan-text"))
-    cache = out / "teacher-cache"
+    cache = out.parent / f"teacher-cache-{len(chosen)}x{args.max_length}"
+    shared_train = out.parent / f"train-{len(chosen)}.jsonl"
+    if not shared_train.exists():
+        shared_train.write_text(train.read_text())
+    train = shared_train
     _ctalign("cache-teacher", teacher, str(train), "-o", str(cache), "--top-k", str(args.top_k), "--max-length",
              str(args.max_length), "--batch-size", "4", "--shard-examples", "64", "--json", log=log)
     common = ["--student", student, "--teacher", str(cache), "--eval", held, "--eval-texts", str(args.eval_texts),
               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-              "--lr", str(args.lr), "--top-k", str(args.top_k), "--no-save", "--json", "--quiet"]
+              "--lr", str(args.lr), "--top-k", str(args.top_k), "--warmup-steps", str(args.warmup_steps),
+              "--no-save", "--json", "--quiet"]
     teacher_bpb = None
     rows = {}
     for method in args.methods:
@@ -112,7 +123,7 @@ def main(argv=None) -> int:
 
 
 def _teacher_bpb(teacher, held, args, out, log):
-    path = out / "teacher-bpb.json"
+    path = out.parent / f"teacher-bpb-{args.eval_texts}x{args.max_length}.json"
     if path.exists():
         return json.loads(path.read_text())["bits_per_byte"]
     code = ("import json,sys; from ctalign.models import load_gguf_model; from ctalign.cache import read_examples; "
@@ -138,18 +149,18 @@ def _write_table(rows, teacher_bpb, args, table: Path, out: Path, n_train: int) 
     before = first["bits_per_byte"]["student_before"]
     sft = [r["bits_per_byte"]["student_after"] for r in rows.get("sft", [])]
     lines = [
-        "# Distillation results",
+        f"## {args.setting}",
         "",
         f"Measured {dt.date.today().isoformat()} on the 2-core CPU machine (torch CPU), with",
         "",
         "```bash",
-        f"python benchmarks/results_table.py --methods {' '.join(rows)} --seeds {' '.join(map(str, args.seeds))} "
-        f"--steps {args.steps} --lr {args.lr:g} --out {args.out}",
+        " ".join(["python benchmarks/results_table.py", *sys.argv[1:]]),
         "```",
         "",
-        f"Teacher Gemma-3-270M (GGUF Q4_K_M, SentencePiece 262k) -> student SmolLM2-135M-Instruct (GGUF Q4_1,",
-        f"byte-level BPE 49k), fine-tuned: {args.steps} steps of {args.batch_size} examples (up to {args.max_length} "
-        f"tokens), AdamW, lr {args.lr:g} cosine, top-{args.top_k} teacher rows from one teacher cache.",
+        f"Teacher Gemma-3-270M (GGUF Q4_K_M, SentencePiece 262k) -> student {args.setting} (SmolLM2's",
+        f"byte-level BPE 49k): {args.steps} steps of {args.batch_size} examples (up to {args.max_length} "
+        f"tokens), AdamW, lr {args.lr:g} cosine ({args.warmup_steps} warmup), top-{args.top_k} teacher rows from one "
+        "teacher cache.",
         f"Training text: {n_train} examples from four Shakespeare plays; held-out: the first {args.eval_texts} "
         "examples of `botchan-text` (a novel), scored as bits per byte (lower is better).",
         "",
