@@ -1,4 +1,4 @@
-"""The fast ``Vocab.encode_raw`` (pre-tokenizer + compiled BPE, ctalign.vocab.hf.FastRawEncoder)
+"""The fast ``Vocab.encode_raw`` (pre-tokenizer + compiled BPE, ctalign.vocab.hf_fast_raw.FastRawEncoder)
 against the library path (``encode_raw(..., fast=False)``: HF ``encode_batch`` on the
 no-prefix-space copy), which is the definition: over every token of real teacher vocabularies, a
 multilingual corpus, added-token text, and random strings."""

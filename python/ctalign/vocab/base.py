@@ -357,7 +357,7 @@ class Vocab:
         byte-level BPE without normalizer encodes through its own pre-tokenizer and the compiled
         BPE (``merge_table``, built by the first call with 256+ pieces or ``prepare_encode_raw``)
         instead of the library's ``encode_batch``, with the same result (see
-        ``ctalign.vocab.hf.FastRawEncoder``); ``fast=False`` forces the library path.
+        ``ctalign.vocab.hf_fast_raw.FastRawEncoder``); ``fast=False`` forces the library path.
 
         ``normalize=False``: the tokenizer's Unicode canonical form (NFC / NFD, e.g. Qwen's NFC) is not
         applied, so each piece is tokenized as the exact bytes it is (the map's dec_S: ``;`` and U+037E
