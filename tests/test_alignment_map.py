@@ -333,6 +333,39 @@ def test_forged_trie_arrays_are_refused_before_any_kernel_reads_them(saved, tmp_
         AlignmentMap.load(bad)
 
 
+def test_version_1_map_is_refused_with_a_rebuild_message(saved, tmp_path):
+    """A map written before the prefix-group arrays (format version 1: the same container without
+    ``prefix_groups.*``) gets one clear ArtifactError naming the command that rebuilds it."""
+    m, _ = saved
+    old = {k: v for k, v in m.arrays().items() if not k.startswith("prefix_groups.")}
+    path = tmp_path / "v1.ctmap"
+    path.write_bytes(_encode_artifact(m._header, old, version=1))
+    assert struct.unpack_from("<I", path.read_bytes(), 8)[0] == 1
+    with pytest.raises(ArtifactError) as e:
+        AlignmentMap.load(path)
+    msg = str(e.value)
+    assert str(path) in msg and "format version 1" in msg and f"reads version {FORMAT_VERSION}" in msg
+    assert "rebuild the map with `ctalign build-map" in msg
+
+
+def test_prefix_groups_are_map_arrays(saved, monkeypatch):
+    """build_map stores the prefix groups; a loaded map reads them (no recomputation) and they equal
+    the ones computed from the map's tables."""
+    import ctalign.prefix_groups as P
+    m, path = saved
+    assert FORMAT_VERSION == 2
+    assert {f"prefix_groups.{f}" for f in P.PG_FIELDS} <= set(m.arrays())
+    assert "prefix_groups_s" in m.report()["timings"]
+    want = P._compute(m)
+    monkeypatch.setattr(P, "_compute", lambda amap: pytest.fail("a loaded map recomputed its prefix groups"))
+    m.__dict__.pop("_ctalign_prefix_groups", None)  # drop what the loss tests may have cached
+    for amap in (m, AlignmentMap.load(path)):
+        pg = P.prefix_groups(amap)
+        assert P.prefix_groups(amap) is pg and pg.strict.dtype == bool
+        for f in P.PG_FIELDS:
+            assert np.array_equal(getattr(pg, f), getattr(want, f)), f
+
+
 def test_layout(saved):
     _, path = saved
     data = path.read_bytes()

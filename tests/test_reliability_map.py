@@ -11,10 +11,12 @@ import pytest
 from ctalign.alignment_map import TABLE_FIELDS, TRIE_FIELDS, AlignmentMap, build_map
 from ctalign.artifact import _encode_artifact
 from ctalign.errors import ArtifactError, MapMismatchError
+from ctalign.prefix_groups import PG_FIELDS
 
 DERIVED = (["identical", "cover_lo", "cover_hi", "first_student"]
            + [f"{trie}.{f}" for trie in ("teacher_trie", "dec_trie") for f in TRIE_FIELDS]
-           + [f"{table}.{f}" for table in ("teacher_table", "student_table") for f in TABLE_FIELDS])
+           + [f"{table}.{f}" for table in ("teacher_table", "student_table") for f in TABLE_FIELDS]
+           + [f"prefix_groups.{f}" for f in PG_FIELDS])
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,8 @@ def test_forged_derived_array_is_refused(genuine, tmp_path, name):
     path = _forge(m, tmp_path, **{name: _swap_two(m.arrays()[name])})
     with pytest.raises(ArtifactError) as e:
         AlignmentMap.load(path)
-    assert name.split(".")[0] in str(e.value), str(e.value)
+    named = name if name.startswith("prefix_groups.") else name.split(".")[0]  # the prefix groups: the array itself
+    assert named in str(e.value), str(e.value)
 
 
 @pytest.mark.parametrize("edit, problem", [
@@ -103,3 +106,45 @@ def test_verify_compares_special_roles(genuine, load_test_vocab, tmp_path):
     assert s_roles
     with pytest.raises(MapMismatchError, match="special token roles"):
         amap.verify(load_test_vocab("botchan-bpe"), None)
+
+
+def test_forged_shorter_prefix_group_is_refused(genuine, tmp_path):
+    """A teacher token regrouped to a shorter student prefix, with prefix_len, strict, the child range
+    and student_group made to match (each array self-consistent): the longest-prefix check tells."""
+    from ctalign.prefix_groups import prefix_groups
+    m, _ = genuine
+    pg = prefix_groups(m)
+    t_bytes = m.teacher.all_token_bytes()
+    s_rep: dict[bytes, int] = {}
+    for i, b in enumerate(m.student.all_token_bytes()):
+        if b:
+            s_rep.setdefault(b, i)
+    Vs = m.n_student
+    for t in np.flatnonzero(pg.group < Vs):
+        b, L = t_bytes[t], int(pg.prefix_len[t])
+        shorter = [k for k in range(1, L) if b[:k] in s_rep]
+        if shorter:
+            k = shorter[-1]
+            break
+    else:
+        pytest.skip("no teacher token with two student prefixes")
+    group, plen, strict = pg.group.copy(), pg.prefix_len.copy(), pg.strict.astype(np.uint8)
+    group[t], plen[t], strict[t] = s_rep[b[:k]], k, 1
+    used = np.zeros(Vs + 1, dtype=bool)
+    used[group] = True
+    used[Vs] = False
+    student_group = np.where(used[pg.rep], pg.rep, Vs).astype(np.int32)
+    path = _forge(m, tmp_path, **{"prefix_groups.group": group, "prefix_groups.prefix_len": plen,
+                                  "prefix_groups.strict": strict, "prefix_groups.student_group": student_group})
+    with pytest.raises(ArtifactError, match="longer student prefix"):
+        AlignmentMap.load(path)
+
+
+def test_missing_prefix_group_array_is_refused(genuine, tmp_path):
+    m, _ = genuine
+    a = m.arrays()
+    del a["prefix_groups.child_hi"]
+    path = tmp_path / "partial.ctmap"
+    path.write_bytes(_encode_artifact(m._header, a))
+    with pytest.raises(ArtifactError, match="no array 'prefix_groups.child_hi'"):
+        AlignmentMap.load(path)

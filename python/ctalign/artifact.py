@@ -19,7 +19,9 @@ import numpy as np
 from ctalign.errors import ArtifactError
 
 MAGIC = b"CTALMAP1"
-FORMAT_VERSION = 1
+# 2: the byte-prefix group arrays (``prefix_groups.*``, issue #16). Older versions are refused with a
+# message to rebuild the map (there is no migration: the arrays need the token tables and the walk).
+FORMAT_VERSION = 2
 
 
 _ALIGN = 64
@@ -32,7 +34,8 @@ def _json_bytes(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def _encode_artifact(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
+def _encode_artifact(header: dict, arrays: dict[str, np.ndarray], *, version: int = FORMAT_VERSION) -> bytes:
+    """The artifact's bytes (``version``: only tests write another one)."""
     prepared = []
     for name in sorted(arrays):
         a = np.asarray(arrays[name])
@@ -40,7 +43,7 @@ def _encode_artifact(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
         if code not in _DTYPES or a.dtype.kind not in "iub":
             raise TypeError(f"array {name!r}: dtype {a.dtype} cannot be stored (int32, int64, uint8 only)")
         prepared.append((name, np.ascontiguousarray(a, dtype=_DTYPES[code]), code))
-    header_bytes = _json_bytes({"version": FORMAT_VERSION, **header})
+    header_bytes = _json_bytes({"version": version, **header})
     # The directory holds offsets that depend on its own length: iterate to a fixed point.
     directory_bytes, entries = b"", []
     for _ in range(8):
@@ -55,7 +58,7 @@ def _encode_artifact(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
             directory_bytes = new
             break
         directory_bytes = new
-    out = bytearray(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), len(directory_bytes)))
+    out = bytearray(_PREAMBLE.pack(MAGIC, version, 0, len(header_bytes), len(directory_bytes)))
     out += header_bytes
     out += directory_bytes
     for (_, a, _), entry in zip(prepared, entries):
@@ -119,6 +122,10 @@ def _decode_artifact(data: bytes, path) -> tuple[dict, dict[str, np.ndarray]]:
     if size < minimum:
         raise ArtifactError(path, f"truncated: {size} bytes, an alignment map has at least {minimum}")
     _, version, _, header_len, directory_len = _PREAMBLE.unpack_from(data, 0)
+    if version < FORMAT_VERSION:
+        raise ArtifactError(path, f"format version {version} is from an older ctalign (this ctalign reads version "
+                                  f"{FORMAT_VERSION}, which adds the byte-prefix group arrays): rebuild the map with "
+                                  f"`ctalign build-map TEACHER STUDENT -o PATH`")
     if version != FORMAT_VERSION:
         raise ArtifactError(path, f"unsupported format version {version} (this ctalign reads version {FORMAT_VERSION})")
     body_end = _PREAMBLE.size + header_len + directory_len
