@@ -27,7 +27,7 @@ Tables (numpy, read-only; docs/ARCHITECTURE.md "Alignment map"; V_t, V_s = vocab
 Python only orchestrates: the student's tokenizer computes dec_S (``Vocab.encode_raw`` over every
 teacher token's bytes), the compiled core (``_core.build_alignment_map``, GIL released) does the
 rest in O(V_t + V_s + sum |dec_S|); the prefix groups are a numpy walk of the teacher tokens down
-the student byte trie (0.15 s for Qwen -> Llama-3). A saved map holds the teacher byte trie, both token tables
+the student byte trie (about 0.2 s for Qwen -> Llama-3). A saved map holds the teacher byte trie, both token tables
 and every table above, so ``AlignmentMap.load(path)`` works without the tokenizer files.
 
 File format (``.ctmap``, version 2: version 1 had no ``prefix_groups.*`` arrays and is refused with
