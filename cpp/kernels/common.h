@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels/checks.h"
@@ -29,6 +30,53 @@ constexpr double kLn2 = 0.693147180559945309417;
 template <class Out>
 using Compute = std::conditional_t<std::is_same_v<Out, double>, double, float>;
 
+// The shift of a row's softmax exponents, d = (x - offset) * scale - shift (row_kernels.h), and
+// total = offset * scale + shift in double: the value subtracted from x * scale. Rows whose scaled
+// logits stay below kExactShift<C> use offset 0 (x * scale - shift in one fused multiply-subtract,
+// the shift rounded to C: off by at most half an ulp, <= 0.25 for float). Above it a shift in C
+// would be off by more than the spread a row's top tokens need (at |x/T| = 1e9 float's ulp is 64,
+// and e^(x/T - shift) overflowed or vanished for the top token: #21), so the shift is split: offset
+// = a raw logit (the max), shift = the lead. x - offset is exact (Sterbenz) for every token within a
+// factor 2 of the offset, and the others lie more than |offset * scale| / 2 >= 2^21 below the top:
+// zero mass, as e^d gives them (-inf differences included).
+template <class C>
+constexpr double kExactShift = std::is_same_v<C, float> ? 0x1p22 : 0x1p50;
+
+template <class C>
+struct Shift {
+  C offset = 0, shift = 0;
+  double total = -kInf;  // -inf: no shift yet
+  bool split = false;    // offset in use (then moves compare raw maxima, exactly)
+};
+
+// Moves s for a run of columns whose max of x * scale, as stats gave it (rounded to C), is `top`,
+// when that exceeds s.total by more than `slack` (always, for the first run): the new total is top +
+// lead. raw_max() gives the run's max of x (called only for split shifts). Returns true when the
+// masses so far must be rescaled, by *factor = e^(old total - new total) (which may underflow to 0):
+// s moved and had a total before.
+template <class C, class RawMax>
+bool move_shift(Shift<C>& s, C top, C scale, double lead, double slack, RawMax&& raw_max, double* factor) {
+  C raw = 0;
+  double t = static_cast<double>(top);
+  if (s.split) {  // a rounded top could be off by far more than the slack here
+    raw = raw_max();
+    t = static_cast<double>(raw) * static_cast<double>(scale);  // exact: a product of two floats
+  }
+  if (!(t > s.total + slack)) return false;
+  const double old = s.total;
+  const double next = static_cast<double>(static_cast<C>(t + lead));
+  if (std::fabs(next) < kExactShift<C>) {
+    s = {C(0), static_cast<C>(next), next, false};
+  } else {
+    if (!s.split) raw = raw_max();
+    const C l = static_cast<C>(lead);
+    s = {raw, l, static_cast<double>(raw) * static_cast<double>(scale) + static_cast<double>(l), true};
+  }
+  if (!(old > -kInf)) return false;
+  *factor = std::exp(old - s.total);
+  return true;
+}
+
 inline const char* row_ptr(const Logits& x, std::int64_t r) {
   return static_cast<const char*>(x.data) + r * x.row_stride * static_cast<std::int64_t>(elem_size(x.type));
 }
@@ -36,6 +84,45 @@ inline const char* row_ptr(const Logits& x, std::int64_t r) {
 // A row is refused when it holds NaN or +inf, or has no finite entry (its max is then +inf or -inf);
 // -inf entries are zero mass (masked tokens), like any token far below the row's top.
 inline bool row_is_bad(double mx, double /*mn*/, bool nan) { return nan || !std::isfinite(mx); }
+
+// One shift for a whole row of n columns (the range and trie kernels): total = the row's max of
+// x * scale (scaled_max, from stats), no lead.
+template <class C>
+Shift<C> row_shift(const RowKernels<C>& k, const void* row, std::int64_t n, C scale, C scaled_max) {
+  Shift<C> s;
+  double factor = 0;
+  move_shift(s, scaled_max, scale, 0.0, 0.0, [&] {
+    RowStats<C> raw;
+    k.stats(row, n, C(1), &raw);
+    return raw.max;
+  }, &factor);
+  return s;
+}
+
+// The gradient's reference point of row r: (offset, lse - offset * scale), the exponents being
+// (x - offset) * scale - a with a = that lse + out (grouped, top-k gradients). The forward's lse, rounded to C, is used as it is
+// unless its magnitude reaches kGradExact (ulp 2^-12 for float): such rows (the split shifts among
+// them, whose float lse is off by far more than the spread of the top tokens) recompute their
+// normaliser relative to their raw max, one more pass (stats and e^x) over the row.
+template <class C>
+constexpr double kGradExact = std::is_same_v<C, float> ? 0x1p12 : 0x1p40;
+
+template <class C>
+std::pair<C, double> grad_reference(const RowKernels<C>& k, const Logits& x, std::int64_t r, C scale, double lse,
+                                    std::vector<C>& buf) {
+  if (!(std::fabs(lse) >= kGradExact<C>) || !std::isfinite(lse)) return {C(0), lse};
+  const std::int64_t v = x.vocab_size;
+  const std::int64_t esize = static_cast<std::int64_t>(elem_size(x.type));
+  const char* row = row_ptr(x, r);
+  RowStats<C> raw;
+  k.stats(row, v, C(1), &raw);
+  buf.resize(kChunk);
+  double z = 0;
+  for (std::int64_t c0 = 0; c0 < v; c0 += kChunk) {
+    z += k.exp_store(row + c0 * esize, std::min(kChunk, v - c0), scale, raw.max, C(0), buf.data());
+  }
+  return {raw.max, std::log(z) - kBias<C> * kLn2};
+}
 
 // Rows grouped by the queries that read them: queries of row r are ids[start[r] : start[r + 1]].
 struct QueriesByRow {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernels/checks.h"
@@ -49,26 +50,29 @@ void grouped_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, const 
   const char* row = row_ptr(x, r);
   Out* o = out + r * g_count;
   acc.assign(g_count * copies, 0.0);
-  double shift = -kInf;
+  Shift<C> sh;
   for (std::int64_t c0 = 0; c0 < v; c0 += kChunk) {
     const std::int64_t n = std::min(kChunk, v - c0);
+    const char* chunk = row + c0 * esize;
     RowStats<C> st;
-    k.stats(row + c0 * esize, n, scale, &st);
+    k.stats(chunk, n, scale, &st);
     if (row_is_bad(st.max, st.min, st.nan)) {
       std::fill(o, o + g_count, static_cast<Out>(kNaN));
       lse[r] = static_cast<Out>(kNaN);
       return;
     }
-    if (st.max > shift + kSlack) {
-      const double next = static_cast<double>(static_cast<C>(static_cast<double>(st.max) + kLead));
-      if (shift > -kInf) {
-        const double f = std::exp(shift - next);
-        for (double& a : acc) a *= f;
-      }
-      shift = next;
+    auto raw_max = [&] {
+      RowStats<C> raw;
+      k.stats(chunk, n, C(1), &raw);
+      return raw.max;
+    };
+    double f = 0;
+    if (move_shift(sh, st.max, scale, kLead, kSlack, raw_max, &f)) {
+      for (double& a : acc) a *= f;
     }
-    k.exp_scatter(row + c0 * esize, n, scale, static_cast<C>(shift), group + c0, acc.data(), copies);
+    k.exp_scatter(chunk, n, scale, sh.offset, sh.shift, group + c0, acc.data(), copies);
   }
+  const double shift = sh.total;
   double z = 0;
   for (std::int64_t g = 0; g < g_count; ++g) {
     double m = 0;
@@ -93,39 +97,46 @@ void grouped_block8(const RowKernels<float>& k, const Block8Kernels& b, const Lo
   const std::int64_t esize = static_cast<std::int64_t>(elem_size(x.type));
   const bool prefetch_acc = g_count * 8 * static_cast<std::int64_t>(sizeof(double)) > kAccInCache;
   const void* rows[8];
-  double shift[8], z[8];
-  float shift_f[8];
+  Shift<float> sh[8];
+  double z[8];
+  float shift_f[8], offset_f[8];
   bool bad[8];
   for (int j = 0; j < 8; ++j) {
     rows[j] = row_ptr(x, r0 + j);
-    shift[j] = -kInf;
     z[j] = 0;
     bad[j] = false;
   }
   for (std::int64_t c0 = 0; c0 < v; c0 += kBlockChunk) {
     const std::int64_t n = std::min(kBlockChunk, v - c0);
+    bool split = false;
     for (int j = 0; j < 8; ++j) {
       if (bad[j]) continue;
+      const char* chunk = static_cast<const char*>(rows[j]) + c0 * esize;
       RowStats<float> st;
-      k.stats(static_cast<const char*>(rows[j]) + c0 * esize, n, scale, &st);
+      k.stats(chunk, n, scale, &st);
       if (row_is_bad(st.max, st.min, st.nan)) {
         bad[j] = true;  // its column fills with garbage from here on; the row's outputs become NaN
-        if (!(shift[j] > -kInf)) shift[j] = 0;
+        if (!(sh[j].total > -kInf)) sh[j] = {0.0f, 0.0f, 0.0, false};
         continue;
       }
-      if (st.max > shift[j] + kSlack) {
-        const double next = static_cast<double>(static_cast<float>(static_cast<double>(st.max) + kLead));
-        if (shift[j] > -kInf) {
-          const double f = std::exp(shift[j] - next);
-          for (std::int64_t g = 0; g < g_count; ++g) acc[g * 8 + j] *= f;
-          z[j] *= f;
-        }
-        shift[j] = next;
+      auto raw_max = [&] {
+        RowStats<float> raw;
+        k.stats(chunk, n, 1.0f, &raw);
+        return raw.max;
+      };
+      double f = 0;
+      if (move_shift(sh[j], st.max, scale, kLead, kSlack, raw_max, &f)) {
+        for (std::int64_t g = 0; g < g_count; ++g) acc[g * 8 + j] *= f;
+        z[j] *= f;
       }
+      split |= sh[j].offset != 0;
     }
-    for (int j = 0; j < 8; ++j) shift_f[j] = static_cast<float>(shift[j]);
-    (prefetch_acc ? b.accumulate : b.accumulate_no_totals)(rows, c0, n, prefetch_acc ? v - c0 : 0, scale, shift_f,
-                                                           group, acc, z);
+    for (int j = 0; j < 8; ++j) {
+      shift_f[j] = sh[j].shift;
+      offset_f[j] = sh[j].offset;
+    }
+    (prefetch_acc ? b.accumulate : b.accumulate_no_totals)(rows, c0, n, prefetch_acc ? v - c0 : 0, scale,
+                                                           split ? offset_f : nullptr, shift_f, group, acc, z);
   }
   if (!prefetch_acc) {  // the totals are the accumulator's column sums (its lines are in cache)
     for (int j = 0; j < 8; ++j) z[j] = 0;
@@ -150,7 +161,7 @@ void grouped_block8(const RowKernels<float>& k, const Block8Kernels& b, const Lo
       std::fill(outs[j], outs[j] + g_count, std::numeric_limits<float>::quiet_NaN());
       lse[r0 + j] = std::numeric_limits<float>::quiet_NaN();
     } else {
-      lse[r0 + j] = static_cast<float>(shift[j] + std::log(z[j]) - kExpBias * kLn2);
+      lse[r0 + j] = static_cast<float>(sh[j].total + std::log(z[j]) - kExpBias * kLn2);
     }
   }
 }
@@ -224,7 +235,7 @@ void grouped_backward(const Logits& x, const std::int32_t* group, std::int32_t n
   const std::int64_t rows_per_item = std::max<std::int64_t>(1, kRowsWork / v);
   const std::int64_t n_single_items = (x.n_rows - first_single + rows_per_item - 1) / rows_per_item;
   const int threads = thread_count(n_threads, x.n_rows * v);
-  std::vector<std::vector<C>> a_of(threads), c_of(threads);
+  std::vector<std::vector<C>> a_of(threads), c_of(threads), buf_of(threads);
 
   parallel_for(n_blocks + n_single_items, threads, [&](std::int64_t item, int tid) {
     std::vector<C>& a = a_of[tid];
@@ -237,14 +248,18 @@ void grouped_backward(const Logits& x, const std::int32_t* group, std::int32_t n
         float* c8 = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(c.data()) + 31) & ~std::uintptr_t(31));
         const void* rows[8];
         float* dx[8];
+        float offset[8];
+        bool split = false;
         for (int j = 0; j < 8; ++j) {
           const std::int64_t r = item * 8 + j;
-          grad_constants<float, Out>(out + r * g_count, grad_out + r * g_count, static_cast<double>(lse[r]), g_count,
-                                     a8 + j, c8 + j, 8);
+          const auto ref = grad_reference<float>(k, x, r, scale, static_cast<double>(lse[r]), buf_of[tid]);
+          offset[j] = ref.first;
+          split |= ref.first != 0;
+          grad_constants<float, Out>(out + r * g_count, grad_out + r * g_count, ref.second, g_count, a8 + j, c8 + j, 8);
           rows[j] = row_ptr(x, r);
           dx[j] = grad + r * grad_width;
         }
-        b.grad(rows, v, scale, group, a8, c8, dx);
+        b.grad(rows, v, scale, split ? offset : nullptr, group, a8, c8, dx);
         for (int j = 0; j < 8; ++j) std::fill(dx[j] + v, dx[j] + grad_width, 0.0f);
       }
       return;
@@ -254,10 +269,10 @@ void grouped_backward(const Logits& x, const std::int32_t* group, std::int32_t n
     const std::int64_t r_begin = first_single + (item - n_blocks) * rows_per_item;
     const std::int64_t r_end = std::min(x.n_rows, r_begin + rows_per_item);
     for (std::int64_t r = r_begin; r < r_end; ++r) {
-      grad_constants<C, Out>(out + r * g_count, grad_out + r * g_count, static_cast<double>(lse[r]), g_count, a.data(),
-                             c.data(), 1);
+      const auto ref = grad_reference<C>(k, x, r, scale, static_cast<double>(lse[r]), buf_of[tid]);
+      grad_constants<C, Out>(out + r * g_count, grad_out + r * g_count, ref.second, g_count, a.data(), c.data(), 1);
       Out* dx = grad + r * grad_width;
-      k.grouped_grad(row_ptr(x, r), v, scale, group, a.data(), c.data(), dx);
+      k.grouped_grad(row_ptr(x, r), v, scale, ref.first, group, a.data(), c.data(), dx);
       std::fill(dx + v, dx + grad_width, Out(0));
     }
   });

@@ -128,8 +128,9 @@ void range_forward(const Logits& x, const RangeQueries& q, Out* out, Out* lse, i
     const bool bad = row_is_bad(st.max, st.min, st.nan);
     double z = 1, shift = 0;
     if (!bad) {
-      shift = st.max;
-      z = k.exp_store(row, v, scale, static_cast<C>(shift), sc.e.data());
+      const Shift<C> sh = row_shift(k, row, v, scale, st.max);
+      shift = sh.total;
+      z = k.exp_store(row, v, scale, sh.offset, sh.shift, sc.e.data());
       to_sorted(sc.e.data(), rank.data(), v, sc.sorted.data());
       prefix_sums(sc.sorted.data(), m, sc.s.data());
     }
@@ -178,7 +179,8 @@ void range_backward(const Logits& x, const RangeQueries& q, const Out* out, cons
       std::fill(dx, dx + grad_width, static_cast<Out>(kNaN));
       return;
     }
-    const double z = k.exp_store(row, v, scale, st.max, sc.e.data());
+    const Shift<C> sh = row_shift(k, row, v, scale, st.max);
+    const double z = k.exp_store(row, v, scale, sh.offset, sh.shift, sc.e.data());
     // Difference array over order positions (reusing s): the summed weight of the ranges covering
     // each position, w = g e^{-out} / z for every range with mass and gradient.
     std::vector<double>& d = sc.s;

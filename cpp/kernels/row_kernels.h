@@ -33,16 +33,19 @@ struct RowStats {
 template <class C>
 struct RowKernels {
   void (*stats)(const void* x, std::int64_t n, C scale, RowStats<C>* s);
-  // e[i] = exp(x[i] * scale - shift); returns the sum in double.
-  double (*exp_store)(const void* x, std::int64_t n, C scale, C shift, C* e);
-  // acc[group[i] * copies + (i % copies)] += exp(x[i] * scale - shift); copies is 1 or 8.
-  void (*exp_scatter)(const void* x, std::int64_t n, C scale, C shift, const std::int32_t* group, double* acc,
-                      int copies);
-  // dx[i] = scale * c[g] * exp(x[i] * scale - a[g]), g = group[i]: the grouped gradient with
-  // a[g] = log of the group's unnormalised mass (exp(...) = the token's share of its group) and
+  // The exponents below are d = (x[i] - offset) * scale - shift, formed with one rounding after the
+  // subtraction (common.h, Shift: offset is 0 unless the row's scaled logits are too large for a
+  // shift in C; offset 0 runs a loop without the subtraction, so those rows cost nothing more).
+  // e[i] = exp(d); returns the sum in double.
+  double (*exp_store)(const void* x, std::int64_t n, C scale, C offset, C shift, C* e);
+  // acc[group[i] * copies + (i % copies)] += exp(d); copies is 1 or 8.
+  void (*exp_scatter)(const void* x, std::int64_t n, C scale, C offset, C shift, const std::int32_t* group,
+                      double* acc, int copies);
+  // dx[i] = scale * c[g] * exp((x[i] - offset) * scale - a[g]), g = group[i]: the grouped gradient
+  // with a[g] = log of the group's unnormalised mass (exp(...) = the token's share of its group) and
   // c[g] = grad_out[g] - sum(grad_out) P(g).
-  void (*grouped_grad)(const void* x, std::int64_t n, C scale, const std::int32_t* group, const C* a, const C* c,
-                       C* dx);
+  void (*grouped_grad)(const void* x, std::int64_t n, C scale, C offset, const std::int32_t* group, const C* a,
+                       const C* c, C* dx);
   // y[i] = exp(v[i]) and y[i] = log(v[i]) (in place allowed): the sparse rows' element math.
   void (*exp_n)(const C* v, std::int64_t n, C* y);
   void (*log_n)(const C* v, std::int64_t n, C* y);
@@ -58,27 +61,30 @@ struct RowKernels {
 // Eight rows at once (SIMD float paths only). acc is [G][8] doubles, 64-byte aligned: one cache
 // line per group holds the eight rows' sums, so each token costs one vector add.
 struct Block8Kernels {
-  // For i in [begin, begin + n): acc[group[i]][k] += exp(rows[k][i] * scale - shift[k]) 2^kExpBias,
-  // and z[k] += the same (the rows' running totals). rows are the eight row starts. `readable`:
+  // For i in [begin, begin + n): acc[group[i]][k] += exp((rows[k][i] - offset[k]) * scale - shift[k])
+  // 2^kExpBias, and z[k] += the same (the rows' running totals); offset nullptr: all 0 (no
+  // subtraction in the loop). rows are the eight row starts. `readable`:
   // entries of group readable from begin on (>= n), for prefetching accumulator lines kAccAhead
   // tokens ahead; 0 turns that prefetch off (tables that fit in cache).
   void (*accumulate)(const void* const* rows, std::int64_t begin, std::int64_t n, std::int64_t readable,
-                     float scale, const float* shift, const std::int32_t* group, double* acc, double* z);
+                     float scale, const float* offset, const float* shift, const std::int32_t* group, double* acc,
+                     double* z);
   // The same without the running totals (z is not touched; readable is ignored): for tables that fit
   // in cache, whose column sums give z at the end for less than the per-token adds cost (next_byte:
   // 11.4 -> 9.6 ms for 256 x 152k rows).
   void (*accumulate_no_totals)(const void* const* rows, std::int64_t begin, std::int64_t n, std::int64_t readable,
-                               float scale, const float* shift, const std::int32_t* group, double* acc, double* z);
+                               float scale, const float* offset, const float* shift, const std::int32_t* group,
+                               double* acc, double* z);
   // out[k][g] = log(acc[g][k] * pow2[k]) + corr[k] for g < n_groups, then acc is zeroed. pow2[k] is the
   // power of two near 1 / z[k] (exact scaling), corr[k] = log(1 / pow2[k]) - log z[k] (|corr| < 1), so
   // the float log works on the group's probability itself; probabilities below 2^-120 are redone
   // as log(acc) - logz[k] in double.
   void (*finish)(double* acc, std::int64_t n_groups, const double* pow2, const float* corr, const double* logz,
                  float* const* out);
-  // The grouped gradient of eight rows: dx[k][i] = scale * c[g][k] exp(rows[k][i] * scale - a[g][k]),
-  // g = group[i], for i < n (a, c: [G][8] floats, one 32-byte line per group).
-  void (*grad)(const void* const* rows, std::int64_t n, float scale, const std::int32_t* group, const float* a,
-               const float* c, float* const* dx);
+  // The grouped gradient of eight rows: dx[k][i] = scale * c[g][k] exp((rows[k][i] - offset[k]) * scale -
+  // a[g][k]), g = group[i], for i < n (a, c: [G][8] floats, one 32-byte line per group; offset as above).
+  void (*grad)(const void* const* rows, std::int64_t n, float scale, const float* offset, const std::int32_t* group,
+               const float* a, const float* c, float* const* dx);
 };
 
 // The tables of the instruction set in use (active_isa()). row_kernels<float> throws InputError for

@@ -49,23 +49,44 @@ void stats(const void* xv, std::int64_t n, typename Isa::C scale, RowStats<typen
   }
 }
 
-// e[i] = exp(x[i] * scale - shift) 2^kBias; returns their sum in double when kSum.
-template <class Isa, class T, bool kSum = true>
-double exp_store(const void* xv, std::int64_t n, typename Isa::C scale, typename Isa::C shift, typename Isa::C* e) {
+// x[i] - offset when kOffset (the rows whose shift is split, common.h: Shift), else x[i].
+template <class Isa, bool kOffset, class T>
+inline typename Isa::V load_off(const T* p, typename Isa::V off) {
+  if constexpr (kOffset) {
+    return Isa::sub(Isa::load(p), off);
+  } else {
+    (void)off;
+    return Isa::load(p);
+  }
+}
+
+// e[i] = exp((x[i] - offset) * scale - shift) 2^kBias; returns their sum in double when kSum.
+template <class Isa, class T, bool kSum, bool kOffset>
+double exp_store_k(const T* x, std::int64_t n, typename Isa::C scale, typename Isa::C offset, typename Isa::C shift,
+                   typename Isa::C* e) {
   using C = typename Isa::C;
-  const T* x = static_cast<const T*>(xv);
-  const auto vs = Isa::set1(scale), vsh = Isa::set1(shift);
+  const auto vs = Isa::set1(scale), vsh = Isa::set1(shift), voff = Isa::set1(offset);
   auto sum = Isa::zero_dw();
   std::int64_t i = 0;
   for (; i + Isa::kLanes <= n; i += Isa::kLanes) {
-    const auto v = Isa::exp(Isa::fmsub(Isa::load(x + i), vs, vsh), kBias<C>);
+    const auto v = Isa::exp(Isa::fmsub(load_off<Isa, kOffset>(x + i, voff), vs, vsh), kBias<C>);
     Isa::store(e + i, v);
     if constexpr (kSum) sum = Isa::add_dw(sum, v);
   }
   double total = 0;
   if constexpr (kSum) total = Isa::hsum_dw(sum);
-  if constexpr (kHasTail<Isa>) total += exp_store<ScalarFor<Isa>, T, kSum>(x + i, n - i, scale, shift, e + i);
+  if constexpr (kHasTail<Isa>) {
+    total += exp_store_k<ScalarFor<Isa>, T, kSum, kOffset>(x + i, n - i, scale, offset, shift, e + i);
+  }
   return total;
+}
+
+template <class Isa, class T, bool kSum = true>
+double exp_store(const void* xv, std::int64_t n, typename Isa::C scale, typename Isa::C offset, typename Isa::C shift,
+                 typename Isa::C* e) {
+  const T* x = static_cast<const T*>(xv);
+  return offset == 0 ? exp_store_k<Isa, T, kSum, false>(x, n, scale, offset, shift, e)
+                     : exp_store_k<Isa, T, kSum, true>(x, n, scale, offset, shift, e);
 }
 
 // acc[g[i] * K + (i % K)] += v[i], unrolled by 8 so the copy index is a constant displacement.
@@ -81,41 +102,54 @@ inline void scatter_add(const std::int32_t* g, const C* v, std::int64_t n, doubl
 // e^x into an L1 buffer, then the scalar scatter (reading lanes back right after a vector store
 // would stall on store forwarding).
 template <class Isa, class T, int K>
-void exp_scatter_k(const T* x, std::int64_t n, typename Isa::C scale, typename Isa::C shift,
+void exp_scatter_k(const T* x, std::int64_t n, typename Isa::C scale, typename Isa::C offset, typename Isa::C shift,
                    const std::int32_t* group, double* acc) {
   using C = typename Isa::C;
   alignas(64) C buf[kChunk];
   for (std::int64_t b0 = 0; b0 < n; b0 += kChunk) {
     const std::int64_t m = std::min(kChunk, n - b0);
-    exp_store<Isa, T, false>(x + b0, m, scale, shift, buf);
+    exp_store<Isa, T, false>(x + b0, m, scale, offset, shift, buf);
     scatter_add<K>(group + b0, buf, m, acc);
   }
 }
 
 template <class Isa, class T>
-void exp_scatter(const void* xv, std::int64_t n, typename Isa::C scale, typename Isa::C shift,
+void exp_scatter(const void* xv, std::int64_t n, typename Isa::C scale, typename Isa::C offset, typename Isa::C shift,
                  const std::int32_t* group, double* acc, int copies) {
   const T* x = static_cast<const T*>(xv);
   if (copies == 8) {
-    exp_scatter_k<Isa, T, 8>(x, n, scale, shift, group, acc);
+    exp_scatter_k<Isa, T, 8>(x, n, scale, offset, shift, group, acc);
   } else {
-    exp_scatter_k<Isa, T, 1>(x, n, scale, shift, group, acc);
+    exp_scatter_k<Isa, T, 1>(x, n, scale, offset, shift, group, acc);
   }
 }
 
-template <class Isa, class T>
-void grouped_grad(const void* xv, std::int64_t n, typename Isa::C scale, const std::int32_t* group,
-                  const typename Isa::C* a, const typename Isa::C* c, typename Isa::C* dx) {
-  const T* x = static_cast<const T*>(xv);
-  const auto vs = Isa::set1(scale);
+template <class Isa, class T, bool kOffset>
+void grouped_grad_k(const T* x, std::int64_t n, typename Isa::C scale, typename Isa::C offset,
+                    const std::int32_t* group, const typename Isa::C* a, const typename Isa::C* c,
+                    typename Isa::C* dx) {
+  const auto vs = Isa::set1(scale), voff = Isa::set1(offset);
   std::int64_t i = 0;
   for (; i + Isa::kLanes <= n; i += Isa::kLanes) {
     const auto va = Isa::gather(a, group + i);
     const auto vc = Isa::gather(c, group + i);
-    const auto share = Isa::exp(Isa::fmsub(Isa::load(x + i), vs, va), 0);
+    const auto share = Isa::exp(Isa::fmsub(load_off<Isa, kOffset>(x + i, voff), vs, va), 0);
     Isa::store(dx + i, Isa::mul(Isa::mul(vs, vc), share));
   }
-  if constexpr (kHasTail<Isa>) grouped_grad<ScalarFor<Isa>, T>(x + i, n - i, scale, group + i, a, c, dx + i);
+  if constexpr (kHasTail<Isa>) {
+    grouped_grad_k<ScalarFor<Isa>, T, kOffset>(x + i, n - i, scale, offset, group + i, a, c, dx + i);
+  }
+}
+
+template <class Isa, class T>
+void grouped_grad(const void* xv, std::int64_t n, typename Isa::C scale, typename Isa::C offset,
+                  const std::int32_t* group, const typename Isa::C* a, const typename Isa::C* c, typename Isa::C* dx) {
+  const T* x = static_cast<const T*>(xv);
+  if (offset == 0) {
+    grouped_grad_k<Isa, T, false>(x, n, scale, offset, group, a, c, dx);
+  } else {
+    grouped_grad_k<Isa, T, true>(x, n, scale, offset, group, a, c, dx);
+  }
 }
 
 template <class Isa, bool kLog>
@@ -200,30 +234,35 @@ template <class Isa>
 constexpr int kTokensPerVector = Isa::kLanes / 8;
 
 template <class T>
-void block8_tail(const T* const* r, std::int64_t i, std::int64_t end, float scale, const float* shift,
-                 const std::int32_t* group, double* acc, double* z) {
+void block8_tail(const T* const* r, std::int64_t i, std::int64_t end, float scale, const float* offset,
+                 const float* shift, const std::int32_t* group, double* acc, double* z) {
   for (; i < end; ++i) {
     double* a = acc + static_cast<std::int64_t>(group[i]) * 8;
     for (int k = 0; k < 8; ++k) {
-      const double e = Scalar::exp(Scalar::fmsub(Scalar::load(r[k] + i), scale, shift[k]), kExpBias);
+      const float xk = offset ? Scalar::load(r[k] + i) - offset[k] : Scalar::load(r[k] + i);
+      const double e = Scalar::exp(Scalar::fmsub(xk, scale, shift[k]), kExpBias);
       a[k] += e;
       z[k] += e;
     }
   }
 }
 
-template <class Isa, class T, bool kTotals>
-void block8_accumulate(const void* const* rows, std::int64_t begin, std::int64_t n, std::int64_t readable,
-                       float scale, const float* shift, const std::int32_t* group, double* acc, double* z) {
+template <class Isa, class T, bool kTotals, bool kOffset>
+void block8_accumulate_k(const void* const* rows, std::int64_t begin, std::int64_t n, std::int64_t readable,
+                         float scale, const float* offset, const float* shift, const std::int32_t* group, double* acc,
+                         double* z) {
   constexpr int P = kTokensPerVector<Isa>;
   constexpr int kZ = 2 * P;  // running totals: token i + j goes to zt[j % kZ] (two chains per part)
   using L8 = typename Isa::L8;
   const T* r[8];
   for (int k = 0; k < 8; ++k) r[k] = static_cast<const T*>(rows[k]) + begin;
   group += begin;
-  __m256 sh8[P];
-  for (int p = 0; p < P; ++p) sh8[p] = _mm256_loadu_ps(shift);
-  const auto vs = Isa::set1(scale), vsh = Isa::join8(sh8);
+  __m256 sh8[P], off8[P];
+  for (int p = 0; p < P; ++p) {
+    sh8[p] = _mm256_loadu_ps(shift);
+    off8[p] = kOffset ? _mm256_loadu_ps(offset) : _mm256_setzero_ps();
+  }
+  const auto vs = Isa::set1(scale), vsh = Isa::join8(sh8), voff = Isa::join8(off8);
   L8 zt[kZ];
   for (int j = 0; j < kZ; ++j) zt[j] = Isa::zero_l8();
   std::int64_t i = 0;
@@ -242,7 +281,9 @@ void block8_accumulate(const void* const* rows, std::int64_t begin, std::int64_t
     simd::transpose8(v);  // v[j] = element i + j of the eight rows
     for (int j = 0; j < 8; j += P) {
       __m256 e8[P];
-      Isa::split8(Isa::exp(Isa::fmsub(Isa::join8(v + j), vs, vsh), kExpBias), e8);
+      auto xj = Isa::join8(v + j);
+      if constexpr (kOffset) xj = Isa::sub(xj, voff);
+      Isa::split8(Isa::exp(Isa::fmsub(xj, vs, vsh), kExpBias), e8);
       for (int p = 0; p < P; ++p) {
         const L8 e = Isa::widen8(e8[p]);
         double* a = acc + static_cast<std::int64_t>(group[i + j + p]) * 8;
@@ -259,7 +300,18 @@ void block8_accumulate(const void* const* rows, std::int64_t begin, std::int64_t
     Isa::store_l8(zs, zt[0]);
     for (int k = 0; k < 8; ++k) z[k] += zs[k];
   }
-  block8_tail<T>(r, i, n, scale, shift, group, acc, z);
+  block8_tail<T>(r, i, n, scale, kOffset ? offset : nullptr, shift, group, acc, z);
+}
+
+template <class Isa, class T, bool kTotals>
+void block8_accumulate(const void* const* rows, std::int64_t begin, std::int64_t n, std::int64_t readable,
+                       float scale, const float* offset, const float* shift, const std::int32_t* group, double* acc,
+                       double* z) {
+  if (offset) {
+    block8_accumulate_k<Isa, T, kTotals, true>(rows, begin, n, readable, scale, offset, shift, group, acc, z);
+  } else {
+    block8_accumulate_k<Isa, T, kTotals, false>(rows, begin, n, readable, scale, offset, shift, group, acc, z);
+  }
 }
 
 template <class Isa>
@@ -307,13 +359,16 @@ void block8_finish(double* acc, std::int64_t n_groups, const double* pow2, const
   }
 }
 
-template <class Isa, class T>
-void block8_grad(const void* const* rows, std::int64_t n, float scale, const std::int32_t* group, const float* a,
-                 const float* c, float* const* dx) {
+template <class Isa, class T, bool kOffset>
+void block8_grad_k(const void* const* rows, std::int64_t n, float scale, const float* offset,
+                   const std::int32_t* group, const float* a, const float* c, float* const* dx) {
   constexpr int P = kTokensPerVector<Isa>;
   const T* r[8];
   for (int k = 0; k < 8; ++k) r[k] = static_cast<const T*>(rows[k]);
   const auto vs = Isa::set1(scale);
+  __m256 off8[P];
+  for (int p = 0; p < P; ++p) off8[p] = kOffset ? _mm256_loadu_ps(offset) : _mm256_setzero_ps();
+  const auto voff = Isa::join8(off8);
   std::int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     if ((i & 15) == 0) {
@@ -329,7 +384,9 @@ void block8_grad(const void* const* rows, std::int64_t n, float scale, const std
         ag[p] = _mm256_load_ps(a + g * 8);
         cg[p] = _mm256_load_ps(c + g * 8);
       }
-      const auto share = Isa::exp(Isa::fmsub(Isa::join8(v + j), vs, Isa::join8(ag)), 0);
+      auto xj = Isa::join8(v + j);
+      if constexpr (kOffset) xj = Isa::sub(xj, voff);
+      const auto share = Isa::exp(Isa::fmsub(xj, vs, Isa::join8(ag)), 0);
       Isa::split8(Isa::mul(Isa::mul(vs, Isa::join8(cg)), share), v + j);
     }
     simd::transpose8(v);  // back to v[k] = row k, elements i..i+7
@@ -338,8 +395,19 @@ void block8_grad(const void* const* rows, std::int64_t n, float scale, const std
   for (; i < n; ++i) {
     const std::int64_t g = group[i];
     for (int k = 0; k < 8; ++k) {
-      dx[k][i] = scale * c[g * 8 + k] * Scalar::exp(Scalar::fmsub(Scalar::load(r[k] + i), scale, a[g * 8 + k]), 0);
+      const float xk = kOffset ? Scalar::load(r[k] + i) - offset[k] : Scalar::load(r[k] + i);
+      dx[k][i] = scale * c[g * 8 + k] * Scalar::exp(Scalar::fmsub(xk, scale, a[g * 8 + k]), 0);
     }
+  }
+}
+
+template <class Isa, class T>
+void block8_grad(const void* const* rows, std::int64_t n, float scale, const float* offset, const std::int32_t* group,
+                 const float* a, const float* c, float* const* dx) {
+  if (offset) {
+    block8_grad_k<Isa, T, true>(rows, n, scale, offset, group, a, c, dx);
+  } else {
+    block8_grad_k<Isa, T, false>(rows, n, scale, offset, group, a, c, dx);
   }
 }
 

@@ -56,6 +56,7 @@ struct ScalarOf {
   static V load(const f16_t* p) { return simd::to_float(*p); }
   static void store(C* p, V v) { *p = v; }
   static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V max(V a, V b) { return b > a ? b : a; }
   static V min(V a, V b) { return b < a ? b : a; }
@@ -125,6 +126,7 @@ using ScalarF64 = ScalarOf<double>;
   FN V load(const f16_t* p) { return simd::WIDEN(p); }                                               \
   FN void store(float* p, V v) { P##_storeu_ps(p, v); }                                              \
   FN V add(V a, V b) { return P##_add_ps(a, b); }                                                    \
+  FN V sub(V a, V b) { return P##_sub_ps(a, b); }                                                    \
   FN V mul(V a, V b) { return P##_mul_ps(a, b); }                                                    \
   FN V max(V a, V b) { return P##_max_ps(a, b); }                                                    \
   FN V min(V a, V b) { return P##_min_ps(a, b); }                                                    \

@@ -65,7 +65,8 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
   const std::int64_t n_chunks = (v + kChunk - 1) / kChunk;
   std::vector<C>& chunk_max = sc.chunk_max;
   chunk_max.resize(static_cast<std::size_t>(n_chunks));
-  double shift = -kInf, z = 0;
+  Shift<C> sh;
+  double z = 0;
   bool bad = false;
   for (std::int64_t c = 0; c < n_chunks; ++c) {
     const std::int64_t c0 = c * kChunk, n = std::min(kChunk, v - c0);
@@ -76,13 +77,12 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
       break;
     }
     chunk_max[static_cast<std::size_t>(c)] = st.max;
-    const double scaled_max = static_cast<double>(st.max * scale);
-    if (scaled_max > shift + kSlack) {
-      const double next = static_cast<double>(static_cast<C>(scaled_max + kLead));
-      if (shift > -kInf) z *= std::exp(shift - next);
-      shift = next;
+    double f = 0;
+    if (st.max > -std::numeric_limits<C>::infinity() &&
+        move_shift(sh, static_cast<C>(st.max * scale), scale, kLead, kSlack, [&] { return st.max; }, &f)) {
+      z *= f;
     }
-    if (shift > -kInf) z += k.exp_store(row + c0, n, scale, static_cast<C>(shift), sc.e.data());  // else all -inf
+    if (sh.total > -kInf) z += k.exp_store(row + c0, n, scale, sh.offset, sh.shift, sc.e.data());  // else all -inf
   }
   // Pass 2 (the row is likely still in L2 or L3): candidates, chunks by decreasing max. The first
   // chunks set a high k-th value, so most others are scanned without a push, and the pass stops at
@@ -124,13 +124,16 @@ void topk_row(const RowKernels<C>& k, const Logits& x, std::int64_t r, std::int6
   }
   if (cand.size() > static_cast<std::size_t>(top)) cut();
   std::sort(cand.begin(), cand.end());
-  const double log_norm = shift + std::log(z) - kBias<C> * kLn2;
+  // out = (x - offset) * scale - (lse - offset * scale): x - offset is exact in double, so split shifts
+  // (huge x * scale) keep the top tokens' log-probabilities exact too.
+  const double log_rel = static_cast<double>(sh.shift) + std::log(z) - kBias<C> * kLn2;
+  const double off = static_cast<double>(sh.offset);
   for (std::int64_t j = 0; j < top; ++j) {
     id[j] = cand[static_cast<std::size_t>(j)].id;
-    o[j] = static_cast<Out>(static_cast<double>(cand[static_cast<std::size_t>(j)].value) * static_cast<double>(scale) -
-                            log_norm);
+    o[j] = static_cast<Out>((static_cast<double>(cand[static_cast<std::size_t>(j)].value) - off) *
+                                static_cast<double>(scale) - log_rel);
   }
-  lse[slot] = static_cast<Out>(log_norm);
+  lse[slot] = static_cast<Out>(sh.total - static_cast<double>(sh.shift) + log_rel);
 }
 
 template <class C, class Out>
@@ -173,7 +176,7 @@ void topk_backward(const Logits& x, const std::int64_t* rows, std::int64_t n_out
   const QueriesByRow by_row = group_queries(x.n_rows, rows, n_out);
   const std::vector<std::int32_t> group0(kChunk, 0);
   const int threads = thread_count(n_threads, x.n_rows * v);
-  std::vector<std::vector<C>> dx_of(threads, std::vector<C>(kChunk));
+  std::vector<std::vector<C>> dx_of(threads, std::vector<C>(kChunk)), buf_of(threads);
   parallel_for(x.n_rows, threads, [&](std::int64_t r, int tid) {
     Out* o = grad + r * grad_width;
     const std::int64_t q0 = by_row.start[r], q1 = by_row.start[r + 1];
@@ -186,12 +189,13 @@ void topk_backward(const Logits& x, const std::int64_t* rows, std::int64_t n_out
       const Out* g = grad_out + by_row.ids[q] * top;
       for (std::int64_t j = 0; j < top; ++j) g_sum += static_cast<double>(g[j]);
     }
-    const C a = static_cast<C>(lse[by_row.ids[q0]]), c = static_cast<C>(-g_sum);
+    const auto ref = grad_reference<C>(k, x, r, scale, static_cast<double>(lse[by_row.ids[q0]]), buf_of[tid]);
+    const C a = static_cast<C>(ref.second), c = static_cast<C>(-g_sum);
     const char* row = row_ptr(x, r);
     C* dx = dx_of[tid].data();
     for (std::int64_t c0 = 0; c0 < v; c0 += kChunk) {
       const std::int64_t n = std::min(kChunk, v - c0);
-      k.grouped_grad(row + c0 * esize, n, scale, group0.data(), &a, &c, dx);
+      k.grouped_grad(row + c0 * esize, n, scale, ref.first, group0.data(), &a, &c, dx);
       std::copy(dx, dx + n, o + c0);
     }
     std::fill(o + v, o + grad_width, Out(0));

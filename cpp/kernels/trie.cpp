@@ -68,8 +68,9 @@ void trie_forward(const Logits& x, const TrieQueries& q, Out* out, Out* lse, int
     const bool bad = row_is_bad(st.max, st.min, st.nan);
     double z = 1, shift = 0;
     if (!bad) {
-      shift = st.max;
-      z = k.exp_store(row, v, scale, static_cast<C>(shift), sc.e.data());
+      const Shift<C> sh = row_shift(k, row, v, scale, st.max);
+      shift = sh.total;
+      z = k.exp_store(row, v, scale, sh.offset, sh.shift, sc.e.data());
     }
     for (std::int64_t j = byrow.start[r]; j < byrow.start[r + 1]; ++j) {
       const std::int64_t qi = byrow.ids[j];
@@ -123,7 +124,8 @@ void trie_backward(const Logits& x, const TrieQueries& q, const Out* grad_out, O
       std::fill(dx, dx + grad_width, static_cast<Out>(kNaN));
       return;
     }
-    k.exp_store(row, v, scale, st.max, sc.e.data());
+    const Shift<C> sh = row_shift(k, row, v, scale, st.max);
+    k.exp_store(row, v, scale, sh.offset, sh.shift, sc.e.data());
     const C* e = sc.e.data();
     for (std::int64_t j = byrow.start[r]; j < byrow.start[r + 1]; ++j) {
       const std::int64_t qi = byrow.ids[j];

@@ -141,9 +141,14 @@ def topk_logprobs(logits: torch.Tensor, vocab_size: int, rows: torch.Tensor | No
     ids = ids.sort(-1).values  # then by value, stable: ties in increasing id order
     ids = ids.gather(1, torch.sort(x.gather(1, ids), dim=-1, descending=True, stable=True).indices)
     s = _scaled(logits, vocab_size, temperature, accumulate)
-    lse = torch.logsumexp(s, dim=-1)
+    # relative to the row max (as log_softmax does): s - lse directly loses the top tokens' log-probabilities
+    # to rounding once |x / T| outgrows 2^53 (a float64 ulp of 1.7e13 at 1e29)
+    top = s.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach()
+    rel = torch.logsumexp(s - top, dim=-1)
+    lse = rel + top[:, 0]
     out_dtype = _compute_dtype(logits.dtype)
-    return ids, (s.gather(1, ids) - lse[:, None]).to(out_dtype), lse.to(out_dtype)
+    return ids, ((s.gather(1, ids) - top) - rel[:, None]).to(out_dtype), lse.to(out_dtype)
 
 
 def tempered_logprobs(logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
