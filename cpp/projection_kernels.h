@@ -15,7 +15,10 @@
 //
 // Numerics (fp32/bf16/fp16): e^(x/T - shift) 2^90 in float (fast_math.h), summed in double; d = x/T -
 // shift is formed with one rounding (fused multiply-subtract), so the top tokens (|d| <= 24) keep
-// ~1e-7 relative precision whatever the logits' magnitude. Tokens below ~e^-140 of a row's top token
+// ~1e-7 relative precision whatever the logits' magnitude. Rows with |x/T| >= 2^22 (where a float
+// shift would be off by more than the top tokens' spread, #21) split the shift: d = (x - m) / T - lead
+// with m a raw logit (kernels/common.h, Shift), so any finite spread stays finite; rows whose x/T
+// overflows float are refused like +inf. Tokens below ~e^-140 of a row's top token
 // count as zero mass. Group outputs take a float log of the group probability (a double log below
 // 2^-120). Range sums come from double prefix sums over the sorted order; a range whose mass is below
 // 2^-23 of its prefix is summed directly instead, so small masses keep full relative precision
