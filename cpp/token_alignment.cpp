@@ -5,6 +5,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <tuple>
 
@@ -338,20 +339,26 @@ void parallel_rows(int64_t n, int threads, F&& fn) {
   }
   std::exception_ptr error;
   std::mutex mu;
-  std::vector<std::thread> pool;
-  for (int w = 0; w < threads; ++w) {
-    pool.emplace_back([&, w] {
-      for (int64_t b = w; b < n; b += threads) {
-        try {
-          fn(b);
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(mu);
-          if (!error) error = std::current_exception();
-          return;
-        }
+  auto stride = [&](int w) {
+    for (int64_t b = w; b < n; b += threads) {
+      try {
+        fn(b);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!error) error = std::current_exception();
+        return;
       }
-    });
+    }
+  };
+  std::vector<std::thread> pool;
+  int started = 0;
+  try {
+    for (; started < threads; ++started) pool.emplace_back(stride, started);
+  } catch (const std::system_error&) {
+    // No more threads (a process or system limit): this thread runs the strides left over; leaving
+    // a started thread unjoined would std::terminate the process.
   }
+  for (int w = started; w < threads; ++w) stride(w);
   for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
 }

@@ -10,6 +10,7 @@ of ``reduction='mean'`` over the whole batch.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -108,6 +109,8 @@ def worker(out_path: str) -> None:
         scale = max(float(q.grad.abs().max()) for q in ref.parameters())
         report[name] = {"max_grad_diff": max(diffs), "grad_scale": scale, "loss_single": float(ref_loss),
                         "loss_ddp_avg": float(avg)}
+        del ddp, loss  # each DDP's reducer freed while its process group lives (not at interpreter exit)
+        gc.collect()
     if rank == 0:
         Path(out_path).write_text(json.dumps(report, indent=1))
     dist.barrier()

@@ -8,6 +8,7 @@ soft-capping); DDP with ``global_mean``.
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
 import subprocess
@@ -400,6 +401,8 @@ def ddp_worker(out_path: str) -> None:
         scale = max(float(q.grad.abs().max()) for q in ref.parameters())
         report[name] = {"max_grad_diff": max(diffs), "grad_scale": scale, "loss_single": float(ref_loss),
                         "loss_ddp_avg": float(avg)}
+        del ddp, loss  # each DDP's reducer freed while its process group lives (not at interpreter exit)
+        gc.collect()
     if rank == 0:
         Path(out_path).write_text(json.dumps(report, indent=1))
     dist.barrier()

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -36,7 +37,12 @@ void parallel_for(std::int64_t n_items, int n_threads, Fn&& fn) {
   };
   std::vector<std::thread> threads;
   threads.reserve(n_threads - 1);
-  for (int t = 1; t < n_threads; ++t) threads.emplace_back(worker, t);
+  try {
+    for (int t = 1; t < n_threads; ++t) threads.emplace_back(worker, t);
+  } catch (const std::system_error&) {
+    // No more threads (a process or system limit): the threads started so far and this one share
+    // the items. Leaving a started thread unjoined would std::terminate the process.
+  }
   worker(0);
   for (auto& t : threads) t.join();
   if (error) std::rethrow_exception(error);

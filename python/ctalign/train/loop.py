@@ -248,6 +248,13 @@ def distill(cfg: DistillConfig, *, return_student: bool = False):
             report["saved_student"] = str(save_student(student, out))
         plot_curves(out / "metrics.jsonl", evals, out / "curves.png", cfg.loss)
         write_report(report, out)
+    if world > 1:
+        import gc
+
+        import torch.distributed as dist
+        del ddp  # the DDP reducer goes while its process group lives, not at interpreter exit
+        gc.collect()
+        dist.barrier()
     return (report, student) if return_student else report
 
 
