@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,24 +157,37 @@ _RUN = textwrap.dedent("""
 """)
 
 
-def _run_script(out: Path, delay: float = 0.0, rank: int = 0, world: int = 1, kill_after: float | None = None):
+def _shards_listed(out: Path) -> int:
+    try:
+        return len(json.loads((out / "index.json").read_text())["shards"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _run_script(out: Path, delay: float = 0.0, rank: int = 0, world: int = 1, kill_at: tuple | None = None):
+    """Runs the cache script; with ``kill_at = (shards, seconds)`` sends SIGKILL ``seconds`` after the
+    index first lists ``shards`` shards (so the kill always lands part-way, however fast the machine).
+    Returns True when the run finished."""
     code = _RUN.format(tests=str(ROOT / "tests"), delay=delay, rank=rank, world=world)
     # the subprocess imports the same ctalign as this process (installed in CI, the working tree in development)
     package_parent = str(Path(__import__("ctalign").__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_parent] + ([os.environ["PYTHONPATH"]]
                                                                           if os.environ.get("PYTHONPATH") else []))}
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], env=env, stderr=subprocess.PIPE)
-    if kill_after is None:
+    if kill_at is None:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]
         return True
-    try:
-        proc.wait(timeout=kill_after)
+    shards, seconds = kill_at
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and _shards_listed(out) < shards and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(seconds)
+    if proc.poll() is not None:
         return True  # finished before the kill
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return False
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -187,13 +201,11 @@ def test_resumed_after_sigkill_is_byte_identical(tmp_path):
     rng = np.random.default_rng(7)
     resumed = tmp_path / "resumed"
     kills = 0
-    for _ in range(12):
-        if _run_script(resumed, delay=0.15, kill_after=float(rng.uniform(2.0, 5.0))):
-            break
-        kills += 1
-    else:
-        _run_script(resumed)
-    assert kills >= 1  # the test killed at least one run part-way
+    for shards in (1, 3, 5):  # 6 shards in all: each run is killed part-way, at a random moment
+        if not _run_script(resumed, delay=0.15, kill_at=(shards, float(rng.uniform(0.0, 0.4)))):
+            kills += 1
+    _run_script(resumed)
+    assert kills >= 2  # the test killed runs part-way (a run may finish before its kill)
     assert _files(resumed) == _files(whole)
     assert len(TeacherCache(resumed)) == 18
 
