@@ -195,13 +195,26 @@ def byte_level_distillation_loss(student_logits: torch.Tensor, head_logits: torc
     if head_logits.dim() != 4 or tuple(head_logits.shape[:2]) != (B, Ls) or head_logits.shape[-1] != 257:
         raise ValueError(f"head logits must be [batch, length, K, 257] with batch, length = {(B, Ls)}, "
                          f"got {tuple(head_logits.shape)}")
-    K = head_logits.shape[2]
     dev = student_logits.device
     ids = _check_ids(student_ids, "student_ids", (B, Ls), Vs).to(dev)
     _check_alignment_ids(alignment, ids, "student")
     target = _token_mask(student_mask, _alignment_lengths(alignment, "student"), (B, Ls), dev)
     terms = _Terms(student_logits)
     terms.add(ce_weight, _shifted_ce(student_logits, ids, Vs, target), target.sum())
+    _add_byte_head_terms(terms, head_logits, teacher_logits, ids, target, alignment, student_vocab=student_vocab,
+                         teacher_vocab=teacher_vocab, lambda_b=lambda_b, lambda_kl=lambda_kl,
+                         temperature=temperature, targets=targets)
+    return terms.reduce(reduction)
+
+
+def _add_byte_head_terms(terms: _Terms, head_logits: torch.Tensor, teacher_logits, ids: torch.Tensor,
+                         target: torch.Tensor, alignment, *, student_vocab, teacher_vocab, lambda_b: float,
+                         lambda_kl: float, temperature: float, targets: str) -> None:
+    """BLD's byte-head terms into ``terms``: ``lambda_b x`` the byte CE (head row ``j-1`` against the
+    first ``K`` bytes of token ``j``) and ``lambda_kl x`` the KL to the teacher's next-byte targets.
+    Shared by :func:`byte_level_distillation_loss` and its fused form."""
+    B, Ls, K, _ = head_logits.shape
+    Vs, dev = len(student_vocab), ids.device
     anchor_head = head_logits.sum() * 0.0
     # byte CE: head row j-1 -> bytes of token j
     bt = token_byte_targets(student_vocab, K, dev)[ids.clamp(0, Vs - 1)]  # [B, Ls, K]
@@ -231,7 +244,6 @@ def byte_level_distillation_loss(student_logits: torch.Tensor, head_logits: torc
             kl = kl.index_put((qb, qj), v, accumulate=True)
             n_kl = qb.numel()
     terms.add(lambda_kl, kl + anchor_head, n_kl)
-    return terms.reduce(reduction)
 
 
 class ByteLevelDistillationLoss(nn.Module):

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ctalign.losses._common import (_NEG_INF, _check_reduction, _check_temperature, _check_ids, _fit, _token_mask,
                                     _check_alignment_ids, _alignment_lengths, _check_target_ids, _Terms,
@@ -228,7 +227,6 @@ def _escd_child_entries(plan, amap, ids, qb, qj, temperature, dev, chunk: int = 
     """ESCD's child events at root positions (qb, qj): per event its query (index into qb), teacher
     mass and completion range of the student byte trie (the teacher side of ``escd._child_chunk``)."""
     from ctalign.losses.escd import _group_members
-    from ctalign.losses.bpm import _tables
     from ctalign.ops.reference import tempered_logprobs
     Vt, Vs = amap.n_teacher, amap.n_student
     tdev = plan.device
@@ -466,42 +464,17 @@ def bld_loss_from_hidden(hidden, head, head_logits, teacher_logits, student_ids,
                          targets: str = "exact", chunk_size: int | None = None) -> torch.Tensor:
     """:func:`ctalign.losses.byte_level_distillation_loss` with its token CE from hidden states and
     the output layer; the byte head's terms (``head_logits [B, Ls, K, 257]``, small) as unfused."""
-    from ctalign.losses.bld import _check_byte_targets, byte_targets, token_byte_targets
+    from ctalign.losses.bld import _add_byte_head_terms, _check_byte_targets
     _check_byte_targets(targets)
     head, temperature, B, Ls, Vs, dev, ids, target = _prepare(hidden, head, student_ids, alignment, student_mask,
                                                               reduction, temperature, len(student_vocab))
     if head_logits.dim() != 4 or tuple(head_logits.shape[:2]) != (B, Ls) or head_logits.shape[-1] != 257:
         raise ValueError(f"head logits must be [batch, length, K, 257] with batch, length = {(B, Ls)}, "
                          f"got {tuple(head_logits.shape)}")
-    K = head_logits.shape[2]
     extra = _Terms(head_logits)
-    anchor_head = head_logits.sum() * 0.0
-    bt = token_byte_targets(student_vocab, K, dev)[ids.clamp(0, Vs - 1)]
-    byte_ce = head_logits.new_zeros((B, Ls), dtype=torch.float32)
-    n_bytes = 0
-    if Ls > 1:
-        h = head_logits[:, :-1].float()
-        y = bt[:, 1:].masked_fill(~target[:, 1:, None], -100)
-        ce = F.cross_entropy(h.reshape(-1, 257), y.reshape(-1), ignore_index=-100, reduction="none").view(B, Ls - 1, K)
-        byte_ce = torch.cat([byte_ce[:, :1], ce.sum(-1)], 1)
-        n_bytes = (y != -100).sum()
-    extra.add(lambda_b, byte_ce + anchor_head, n_bytes)
-    kl = head_logits.new_zeros((B, Ls), dtype=torch.float32)
-    n_kl = 0
-    if lambda_kl != 0.0 and Ls > 1:
-        ok = target[:, :, None] & (bt >= 0) & (bt < 256)
-        ok[:, 0] = False
-        lp, valid = byte_targets(teacher_logits, teacher_vocab, alignment, K, temperature=temperature,
-                                 targets=targets, width=Ls, where=ok)
-        qb, qj, qi = torch.nonzero(valid.to(dev) & ok, as_tuple=True)
-        if qb.numel():
-            lp = lp.to(dev)[qb, qj, qi].float()
-            head_lp = torch.log_softmax(head_logits[qb, qj - 1, qi].float() / temperature, -1)[:, :256]
-            p = lp.exp()
-            v = torch.where(p > 0, p * (lp - head_lp), torch.zeros_like(p)).sum(-1)
-            kl = kl.index_put((qb, qj), v, accumulate=True)
-            n_kl = qb.numel()
-    extra.add(lambda_kl, kl + anchor_head, n_kl)
+    _add_byte_head_terms(extra, head_logits, teacher_logits, ids, target, alignment, student_vocab=student_vocab,
+                         teacher_vocab=teacher_vocab, lambda_b=lambda_b, lambda_kl=lambda_kl,
+                         temperature=temperature, targets=targets)
     plan = _Plan([_ce_term(ce_weight, ids, target, Vs, Ls)], B, Ls, reduction, _chunk(chunk_size, head), dev)
     return _run(plan, head, hidden, extra)
 
