@@ -130,6 +130,11 @@ class DistillationCollator:
             s_rows.append((s_ids, s_mask))
             texts.append(text)
             starts.append(len(ex.prompt.encode("utf-8")))
+        return self._batch(t_rows, s_rows, texts, starts)
+
+    def _batch(self, t_rows, s_rows, texts, starts) -> dict:
+        """Pads both sides, aligns them and returns the batch dict (tensors or arrays)."""
+        tv, sv = self.teacher_vocab, self.student_vocab
         t_ids, t_att, t_loss = self._pad([r[0] for r in t_rows], [r[1] for r in t_rows], _pad_id(tv))
         s_ids, s_att, s_loss = self._pad([r[0] for r in s_rows], [r[1] for r in s_rows], _pad_id(sv))
         t_len = t_att.sum(1).astype(np.int64)

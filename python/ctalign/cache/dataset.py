@@ -16,7 +16,7 @@ import numpy as np
 from ctalign.cache.codec import RowCodec
 from ctalign.cache.shard import CacheError, Shard, file_sha256
 from ctalign.cache.writer import FORMAT, VERSION, merge_index
-from ctalign.data import DistillationCollator, Example, _pad_id, encode_example
+from ctalign.data import DistillationCollator, Example, encode_example
 
 
 def _load_index(root: Path) -> dict:
@@ -169,6 +169,8 @@ class CachedDistillationCollator(DistillationCollator):
     """
 
     def __init__(self, amap=None, *, cache: TeacherCache | None = None, **kw):
+        if kw.get("return_tensors", "pt") != "pt":
+            raise ValueError("CachedDistillationCollator returns torch tensors (its teacher rows are TopK)")
         super().__init__(amap, **kw)
         if cache is not None:
             cache.check_teacher(self.teacher_vocab, "teacher vocabulary")
@@ -177,12 +179,11 @@ class CachedDistillationCollator(DistillationCollator):
     def __call__(self, batch: Sequence[dict]) -> dict:
         import torch
 
-        from ctalign import align as _align
         from ctalign.ops import TopK
 
         if len(batch) == 0:
             raise ValueError("empty batch")
-        tv, sv = self.teacher_vocab, self.student_vocab
+        sv = self.student_vocab
         t_rows, s_rows, texts, starts, tops = [], [], [], [], []
         for n, item in enumerate(batch):
             if not isinstance(item, dict) or "topk_indices" not in item:
@@ -203,14 +204,8 @@ class CachedDistillationCollator(DistillationCollator):
             s_rows.append((s_ids, s_mask))
             texts.append(text)
             starts.append(rs)
-        t_ids, t_att, t_loss = self._pad([r[0] for r in t_rows], [r[1] for r in t_rows], _pad_id(tv))
-        s_ids, s_att, s_loss = self._pad([r[0] for r in s_rows], [r[1] for r in s_rows], _pad_id(sv))
-        t_len = t_att.sum(1).astype(np.int64)
-        s_len = s_att.sum(1).astype(np.int64)
-        alignment = _align.align(t_ids, s_ids, amap=self.amap, teacher_vocab=tv, student_vocab=sv, texts=texts,
-                                 teacher_lengths=t_len, student_lengths=s_len, byte_queries=self.byte_queries,
-                                 threads=self.threads)
-        B, Lt = t_ids.shape
+        out = self._batch(t_rows, s_rows, texts, starts)
+        B, Lt = out["teacher_input_ids"].shape
         k = tops[0][0].shape[1]
         idx = np.tile(np.arange(k, dtype=np.int64), (B, Lt, 1))
         lp = np.full((B, Lt, k), -np.log(k), dtype=np.float32)
@@ -219,16 +214,8 @@ class CachedDistillationCollator(DistillationCollator):
         for b, (ti, tl, to, tk) in enumerate(tops):
             n = ti.shape[0]
             idx[b, :n], lp[b, :n], own[b, :n], kept[b, :n] = ti, tl, to, tk
-        out = {
-            "teacher_input_ids": torch.from_numpy(t_ids.astype(np.int64)),
-            "teacher_attention_mask": torch.from_numpy(t_att).long(),
-            "teacher_loss_mask": torch.from_numpy(t_loss).bool(),
-            "student_input_ids": torch.from_numpy(s_ids.astype(np.int64)),
-            "student_attention_mask": torch.from_numpy(s_att).long(),
-            "student_loss_mask": torch.from_numpy(s_loss).bool(),
-            "alignment": alignment, "texts": texts, "response_start": starts,
-            "teacher_topk": TopK(torch.from_numpy(idx), torch.from_numpy(lp)),
-            "teacher_own_logprob": torch.from_numpy(own), "teacher_kept_logmass": torch.from_numpy(kept),
-        }
+        out["teacher_topk"] = TopK(torch.from_numpy(idx), torch.from_numpy(lp))
+        out["teacher_own_logprob"] = torch.from_numpy(own)
+        out["teacher_kept_logmass"] = torch.from_numpy(kept)
         return out
 
