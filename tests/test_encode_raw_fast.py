@@ -4,6 +4,8 @@ no-prefix-space copy), which is the definition: over every token of real teacher
 multilingual corpus, added-token text, and random strings."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -128,3 +130,56 @@ def test_shapes_on_random_text(student, texts):
     s = get_test_vocab(student)
     pieces = [t.encode() for t in texts] * (257 // len(texts) + 1)  # enough for the shapes
     assert s.encode_raw(pieces) == s.encode_raw(pieces, fast=False)
+
+
+# ---- every token of every real tokenizer file of the test assets --------------------------------
+# The tokenizer files (not the texts, not the llama.cpp test strings); the GGUF types ctalign refuses
+# are left out (tests/test_gguf.py checks their errors).
+REAL_FILES = ["gpt2", "llama3", "deepseek-v3", "qwen", "cl100k", "gpt2-tiktoken", "whisper-multilingual", "tekken",
+              "mistral-v1", "mistral-v3", "botchan-bpe", "botchan-unigram", "kyoto-unigram", "bert-uncased",
+              "smollm2-gguf", "gemma3-gguf"] + [f"ggml-vocab-{n}" for n in (
+                  "baichuan", "command-r", "deepseek-coder", "deepseek-llm", "falcon", "gpt-2", "llama-bpe",
+                  "llama-spm", "mpt", "phi-3", "qwen2", "qwen35", "refact", "starcoder")]
+BYTE_LEVEL_FILES = ["gpt2", "llama3", "deepseek-v3", "smollm2-gguf"] + [f"ggml-vocab-{n}" for n in (
+    "command-r", "deepseek-coder", "deepseek-llm", "falcon", "gpt-2", "llama-bpe", "mpt", "qwen2", "qwen35", "refact",
+    "starcoder")]
+
+
+@functools.lru_cache(maxsize=1)
+def _every_real_piece() -> list[bytes]:
+    """The distinct byte strings of every token of every real tokenizer file (about 507k)."""
+    pieces = set()
+    for name in REAL_FILES:
+        pieces.update(p for p in _real_vocab(name).all_token_bytes() if p)
+    return sorted(pieces)
+
+
+def _real_vocab(name: str):
+    from ctalign import assets
+    try:
+        return get_test_vocab(name)
+    except assets.AssetError as e:  # no registry here: the CI fetches them first
+        pytest.skip(f"asset {name} unavailable: {e}")
+
+
+COMPILED_FILES = ["gpt2", "llama3", "deepseek-v3"]  # the byte-level files whose default encode_raw is compiled
+
+
+@pytest.mark.parametrize("name", COMPILED_FILES)
+def test_the_compiled_encoder_is_the_library_on_every_token_of_every_real_file(name):
+    _assert_same(_real_vocab(name), _every_real_piece())
+
+
+def test_every_other_byte_level_file_encodes_with_the_library():
+    """The compiled encoder only where the test above proves it equal to the library. llama.cpp's
+    command-r vocabulary spells 43 byte strings twice (id 297 "▪" beside its byte-level twin 237072):
+    the compiled BPE gave 297 where the library gives 237072, on 17 of the pieces above. The GGUF
+    byte-level files have pre-tokenizers without known whole-piece shapes (no gain compiled)."""
+    from ctalign.vocab.hf import _model_spells_a_string_twice
+    compiled = {n for n in BYTE_LEVEL_FILES if _real_vocab(n)._fast_raw_encoder is not None}
+    assert compiled == set(COMPILED_FILES)
+    command_r = _real_vocab("ggml-vocab-command-r")
+    assert _model_spells_a_string_twice(command_r, set(command_r._backend.raw_tokenizer.get_added_tokens_decoder()))
+    assert _real_vocab("ggml-vocab-command-r").ids_of_bytes("▪".encode()) == [297, 237072]
+    assert command_r.encode_raw(["▪".encode()] * 300) == [[237072]] * 300  # 300: the compiled path's batch size
+    assert not _model_spells_a_string_twice(_real_vocab("llama3"), set())
