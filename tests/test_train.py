@@ -75,6 +75,49 @@ def test_distill_from_a_teacher_cache(tmp_path, smollm2, corpora):
     assert (tmp_path / "uld" / "student" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_a_live_teacher_trains_as_its_cache_at_the_same_k(tmp_path, smollm2, corpora):
+    """``top_k`` is the teacher entries the losses use, live or cached: the same examples from the live
+    teacher and from an f32 cache of its top 16 give the same losses (before, the live teacher's
+    dense rows gave likelihood a target over the whole vocabulary: 7.06 against 8.80 at the first step)."""
+    from ctalign.cache import cache_teacher, read_examples
+    train, _ = corpora
+    examples = read_examples([train], chunk_chars=300)[:6]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": ex.text}) + "\n" for ex in examples))
+    cache_dir = tmp_path / "cache"
+    cache_teacher(smollm2, examples, cache_dir, top_k=16, max_length=32, batch_size=2, logprob_codec="f32",
+                  progress=False)
+    runs = {}
+    for name, teacher, train_files in (("cache", str(cache_dir), []), ("live", smollm2, [str(data)])):
+        distill(_config(tmp_path / name, [teacher], corpora, train=train_files, top_k=16, save=False))
+        runs[name] = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert runs["live"] == pytest.approx(runs["cache"], rel=1e-4)
+
+
+def test_dense_teacher_rows_enter_every_loss_as_their_top_k(load_test_vocab):
+    """The objective turns a live teacher's dense logits into the TopK rows a cache at the same k would
+    hold (ALM aside: it reads the teacher's own-token log-probs)."""
+    from ctalign import build_map
+    from ctalign.data import DistillationCollator
+    from ctalign.ops import topk_logprobs
+    from ctalign.train.objectives import LOSSES, Objective, TeacherBatch
+
+    tv, sv = load_test_vocab("llama3"), load_test_vocab("mistral-v1")
+    amap = build_map(tv, sv)
+    b = DistillationCollator(amap, max_length=40)(["The quick brown fox jumps over the lazy dog.", "To be or not."])
+    g = torch.Generator().manual_seed(0)
+    t_logits = 4 * torch.randn(*b["teacher_input_ids"].shape, len(tv), generator=g)
+    s_logits = torch.randn(*b["student_input_ids"].shape, len(sv), generator=g)
+    dense = TeacherBatch(t_logits, b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"], amap=amap, vocab=tv)
+    top = TeacherBatch(topk_logprobs(t_logits, 16), b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"],
+                       amap=amap, vocab=tv)
+    for loss in set(LOSSES) - {"sft", "alm", "bld"}:
+        obj = Objective(loss, sv, top_k=16)
+        args = (s_logits, None, b["student_input_ids"], b["student_loss_mask"])
+        assert torch.equal(obj(*args, [(1.0, dense)]), obj(*args, [(1.0, top)])), loss
+
+
 def test_two_copies_of_a_teacher_give_that_teachers_loss(load_test_vocab):
     """Mixing teachers is mixing their losses (targets, for the KL losses): two halves of one teacher
     are that teacher."""

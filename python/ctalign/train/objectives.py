@@ -11,7 +11,7 @@ ALM train with theirs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 LOSSES = ("sft", "uld", "bld", "likelihood", "alm", "bpm", "escd", "strict_kd")
@@ -72,8 +72,17 @@ class Objective:
             return L.cross_entropy(s_logits, s_ids, mask=s_mask, vocab_size=Vs, reduction=self.reduction)
         total = 0.0
         for weight, t in teachers:
-            total = total + weight * self._one(s_logits, s_hidden, s_ids, s_mask, t)
+            total = total + weight * self._one(s_logits, s_hidden, s_ids, s_mask, self._at_top_k(t))
         return total
+
+    def _at_top_k(self, t: TeacherBatch) -> TeacherBatch:
+        """A live teacher's dense logits as its ``top_k`` TopK rows: the entries a teacher cache at that k
+        holds, so that ``top_k`` means the same teacher entries live and cached. ALM keeps the dense rows:
+        it reads the log-probability of the teacher's own next token, which a cache stores apart."""
+        from ctalign.ops import TopK, topk_logprobs
+        if not self.top_k or self.name == "alm" or isinstance(t.rows, TopK):
+            return t
+        return replace(t, rows=topk_logprobs(t.rows, self.top_k, vocab_size=len(t.vocab)))
 
     def _one(self, s_logits, s_hidden, s_ids, s_mask, t: TeacherBatch):
         L, Vs, T, red = self._L, len(self.student_vocab), self.temperature, self.reduction
