@@ -1,6 +1,6 @@
 """A seeded fuzz campaign against ctalign's inputs (issue #21).
 
-    python -m tests.fuzz.campaign --formats hf spm tiktoken tekken map ops --n 10000 --seed 1 --jobs 2
+    python -m tests.fuzz.campaign --formats hf spm tiktoken tekken gguf map ops --n 10000 --seed 1 --jobs 2
 
 For each format a generator mutates a genuine input (structured edits that a hostile or careless
 user makes, and raw byte flips / truncations), ctalign reads it, and an oracle judges the result:
@@ -9,6 +9,8 @@ user makes, and raw byte flips / truncations), ctalign reads it, and an oracle j
   ``.model``), ``tiktoken`` (rank files), ``tekken`` (Mistral json): the reference library loading
   the same bytes (``tokenizers``, ``sentencepiece``, ``tiktoken``); an accepted file must give the
   library's encodings of sample texts and its id -> token table;
+- ``gguf`` (llama.cpp vocabularies; tests/fuzz/gguf_trial.py): the ``gguf`` package's stock reader
+  and the tokenizers library's GPT-2;
 - ``map`` (``.ctmap``): the genuine map; an accepted file must hold the genuine arrays;
 - ``ops``: finite logits of random shape, dtype, temperature and spread; the compiled CPU kernels
   against the float64 reference (``ctalign.ops.reference``).
@@ -37,7 +39,7 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-FORMATS = ("hf", "spm", "tiktoken", "tekken", "map", "ops", "ops_extreme")
+FORMATS = ("hf", "spm", "tiktoken", "tekken", "gguf", "map", "ops", "ops_extreme")
 KNOWN_OPEN = ()  # formats with known failures, kept out of the defaults (none since e54d881 fixed ops_extreme)
 OUTCOMES = ("ok", "clear_error", "unclear_error", "crash", "hang", "silent_wrong")
 BAD = ("unclear_error", "crash", "hang", "silent_wrong")
@@ -637,7 +639,12 @@ def trial_ops(rng, workdir: Path, extreme: bool = False) -> tuple[str, str]:
     return "ok", ""
 
 
-TRIALS = {"hf": trial_hf, "spm": trial_spm, "tiktoken": trial_tiktoken, "tekken": trial_tekken,
+def trial_gguf(rng, workdir: Path) -> tuple[str, str]:
+    from tests.fuzz.gguf_trial import trial_gguf as trial
+    return trial(rng, workdir, mutate_bytes=mutate_bytes, clear=_clear)
+
+
+TRIALS = {"hf": trial_hf, "spm": trial_spm, "tiktoken": trial_tiktoken, "tekken": trial_tekken, "gguf": trial_gguf,
           "map": trial_map, "ops": trial_ops, "ops_extreme": lambda rng, w: trial_ops(rng, w, extreme=True)}
 
 
