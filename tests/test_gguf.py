@@ -244,6 +244,28 @@ def test_truncated_and_mutated_files(tmp_path):
     assert outcomes["error"] > 0
 
 
+def test_a_byte_level_token_typed_without_bytes_that_merges_make_is_refused(tmp_path):
+    """Found by the fuzz campaign (gguf:1034, seed 1): GPT-2's merge result 'Ġca' typed unknown loaded,
+    and encode('café') then gave an id without bytes, so its bytes dropped ' ca'."""
+    _asset("ggml-vocab-gpt-2")
+    from tests.fuzz.gguf_trial import ARR, I32, base_fields, write_gguf
+    fields = [list(f) for f in base_fields("gpt2")]
+    tokens = dict((k, v) for k, _, v in fields)["tokenizer.ggml.tokens"][1]
+    types = list(dict((k, v) for k, _, v in fields)["tokenizer.ggml.token_type"][1])
+    for ty, name in ((2, "unknown"), (3, "control"), (5, "unused")):
+        bad = list(types)
+        bad[tokens.index("Ġca")] = ty
+        p = tmp_path / f"typed-{name}.gguf"
+        p.write_bytes(write_gguf([(k, t, (I32, bad)) if k == "tokenizer.ggml.token_type" else (k, t, v)
+                                  for k, t, v in fields]))
+        with pytest.raises(VocabError, match=f"'Ġca'.*typed {name}.*no bytes"):
+            load_vocab(p)
+    p = tmp_path / "genuine.gguf"
+    p.write_bytes(write_gguf([tuple(f) for f in fields]))
+    v = load_vocab(p)
+    assert v.decode_bytes(v.encode("naïve café")) == "naïve café".encode()
+
+
 def test_cli_one_line_error(tmp_path):
     p = tmp_path / "cut.gguf"
     p.write_bytes(_asset("ggml-vocab-gpt-2").read_bytes()[:777])

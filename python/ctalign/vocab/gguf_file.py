@@ -302,6 +302,7 @@ def _load_bpe(path: Path, meta: dict, tokens: list[str], types: list[int], *, na
         if pos < 0:
             raise VocabError(f"{path}: merge {k} ({m[:40]!r}) is not 'left right'")
         pairs.append([m[:pos], m[pos + 1:]])
+    _check_specials_are_not_text(path, tokens, types, pairs)
     added = []
     for i, (t, ty) in enumerate(zip(tokens, types)):
         if ty in (UNKNOWN, CONTROL, UNUSED, USER_DEFINED):
@@ -322,6 +323,24 @@ def _load_bpe(path: Path, meta: dict, tokens: list[str], types: list[int], *, na
     v.details.update(format="gguf", gguf_model="gpt2", pre=pre, n_tensors=meta["_n_tensors"],
                      n_user_defined=sum(t == USER_DEFINED for t in types))
     return v
+
+
+def _check_specials_are_not_text(path: Path, tokens: list[str], types: list[int], pairs: list[list[str]]) -> None:
+    """A token typed unknown, control or unused has no bytes, so byte-level BPE must never make it from
+    text: not a single byte's character, not a merge's result (otherwise encodings drop text)."""
+    specials = [i for i, ty in enumerate(types) if ty in (UNKNOWN, CONTROL, UNUSED)]
+    if not specials:
+        return
+    from ctalign.vocab.base import bytes_to_unicode
+    made = {a + b for a, b in pairs} | set(bytes_to_unicode().values())
+    for i in specials:
+        if tokens[i] in made:
+            raise VocabError(f"{path}: token {i} ({tokens[i][:40]!r}) is typed {_TYPE_NAMES[types[i]]}, which has "
+                             f"no bytes, but byte-level BPE makes it from text (a byte or a merge's result): the "
+                             f"file's token types do not fit its merges")
+
+
+_TYPE_NAMES = {UNKNOWN: "unknown", CONTROL: "control", UNUSED: "unused"}
 
 
 def _set_roles(v: Vocab, roles: dict[int, str]) -> None:
