@@ -118,3 +118,25 @@ def test_grouped_and_topk_gradients_at_any_spread(small_map, isa, spread, temper
         scale = x64.grad.abs().max().item()
         assert torch.isfinite(grad).all()
         assert (grad.double() - x64.grad).abs().max().item() <= 1e-3 * scale + 1e-12, f"{isa} topk rows {n}"
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_topk_rows_with_nan_or_inf_raise_nonfinite_logits_error_naming_the_row(small_map, backend):
+    """Found by the fuzz campaign's ops_sparse format: TopK rows with NaN or +inf raised a plain
+    ValueError where dense rows raise NonFiniteLogitsError (with .row)."""
+    from ctalign import ops
+    from ctalign.errors import NonFiniteLogitsError
+    idx = torch.tensor([[3, 5, 9], [1, 2, 4]])
+    for bad in (float("nan"), float("inf")):
+        lp = torch.log_softmax(torch.randn(2, 3, dtype=torch.float64), -1).float()
+        lp[1, 2] = bad
+        rows = ops.TopK(idx, lp)
+        calls = {"next_byte": lambda: ops.next_byte_logprobs(rows, small_map),
+                 "project": lambda: ops.project_to_student(rows, small_map),
+                 "project sparse": lambda: ops.project_to_student(rows, small_map, sparse=True),
+                 "cover": lambda: ops.cover_logmass(rows, small_map),
+                 "cover sparse": lambda: ops.cover_logmass(rows, small_map, sparse=True)}
+        for name, call in calls.items():
+            with ops.force_backend(backend), pytest.raises(NonFiniteLogitsError, match="row 1") as info:
+                call()
+            assert info.value.row == 1, name

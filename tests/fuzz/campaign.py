@@ -39,7 +39,7 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-FORMATS = ("hf", "spm", "tiktoken", "tekken", "gguf", "map", "ops", "ops_extreme")
+FORMATS = ("hf", "spm", "tiktoken", "tekken", "gguf", "map", "ops", "ops_extreme", "ops_sparse")
 KNOWN_OPEN = ()  # formats with known failures, kept out of the defaults (none since e54d881 fixed ops_extreme)
 OUTCOMES = ("ok", "clear_error", "unclear_error", "crash", "hang", "silent_wrong")
 BAD = ("unclear_error", "crash", "hang", "silent_wrong")
@@ -644,8 +644,14 @@ def trial_gguf(rng, workdir: Path) -> tuple[str, str]:
     return trial(rng, workdir, mutate_bytes=mutate_bytes, clear=_clear)
 
 
+def trial_ops_sparse(rng, workdir: Path) -> tuple[str, str]:
+    from tests.fuzz.sparse_ops_trial import trial_ops_sparse as trial
+    return trial(rng, workdir, genuine_map=_genuine_map, clear=_clear)
+
+
 TRIALS = {"hf": trial_hf, "spm": trial_spm, "tiktoken": trial_tiktoken, "tekken": trial_tekken, "gguf": trial_gguf,
-          "map": trial_map, "ops": trial_ops, "ops_extreme": lambda rng, w: trial_ops(rng, w, extreme=True)}
+          "map": trial_map, "ops": trial_ops, "ops_extreme": lambda rng, w: trial_ops(rng, w, extreme=True),
+          "ops_sparse": trial_ops_sparse}
 
 
 def run_trial(fmt: str, seed: int, index: int, workdir: Path) -> tuple[str, str]:

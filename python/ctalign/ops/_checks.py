@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ctalign.errors import NonFiniteLogitsError
 from ctalign.ops._types import _FLOAT_DTYPES, TopK
 
 
@@ -68,10 +69,10 @@ def _topk_rows(op: str, topk: TopK, n_tokens: int, what: str, *, deep: bool = Tr
             if bool(dup.any()):
                 row = int(dup.any(dim=-1).nonzero()[0])
                 raise ValueError(f"{op}: TopK row {row} lists a token id more than once")
-        bad = torch.isnan(lp) | (lp == float("inf"))
-        if bool(bad.any()):
-            row = int(bad.any(dim=-1).nonzero()[0])
-            raise ValueError(f"{op}: TopK.logprobs row {row} holds NaN or +inf")
+    bad = torch.isnan(lp) | (lp == float("inf"))  # O(rows x k): on every path, so that one error type names them
+    if bool(bad.any()):
+        row = int(bad.any(dim=-1).nonzero()[0])
+        raise NonFiniteLogitsError(f"{op}: TopK.logprobs row {row} holds NaN or +inf", row)
     return idx, lp, tuple(indices.shape[:-1])
 
 
