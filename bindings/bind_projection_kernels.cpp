@@ -431,7 +431,27 @@ py::array topk_backward(LogitsArg& x, const py::handle& rows_obj, const py::hand
   return grad;
 }
 
+py::tuple sorted_l1(const py::handle& student_obj, const py::handle& teacher_obj, int n_threads) {
+  auto student = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(student_obj);
+  auto teacher = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(teacher_obj);
+  if (!student || student.ndim() != 2) throw py::value_error("student: expected a float32 array [N, V_s]");
+  if (!teacher || teacher.ndim() != 2) throw py::value_error("teacher: expected a float32 array [N, V_t]");
+  if (teacher.shape(0) != student.shape(0)) throw py::value_error("student and teacher: different numbers of rows");
+  const std::int64_t n = student.shape(0), vs = student.shape(1), vt = teacher.shape(1);
+  py::array_t<double> distance(static_cast<py::ssize_t>(n));
+  py::array_t<float> sign({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(vs)});
+  {
+    py::gil_scoped_release release;
+    kernels::sorted_l1_distance(student.data(), n, vs, teacher.data(), vt, distance.mutable_data(),
+                                sign.mutable_data(), n_threads);
+  }
+  return py::make_tuple(distance, sign);
+}
+
 void bind_projection_kernels(py::module_& m) {
+  m.def("sorted_l1_distance", &sorted_l1, py::arg("student"), py::arg("teacher"), py::arg("n_threads"),
+        "(distance float64 [N], sign float32 [N, V_s]): ULD's exact distance between the rows' probabilities "
+        "sorted in decreasing order (the shorter padded with zeros), and its gradient in each student entry.");
   m.def(
       "grouped_logmass",
       [](const py::handle& logits, const std::string& elem_type, std::int64_t vocab_size, const py::handle& group,

@@ -219,6 +219,13 @@ void topk_cover_sparse(const TopKRows& x, const std::int32_t* rank, std::int64_t
                        SparseCover& result, int n_threads);
 template <class Out>
 void write_sparse_rows(SparseCover& rows, std::int64_t* ids, Out* out);
+// Contract 8, ULD's exact distance (kernels/sorted_l1.cpp): for each of n_rows rows, student [vs] and
+// teacher [vt] probabilities (finite, >= 0) each sorted in decreasing order, the shorter padded with
+// zeros: distance[r] = sum_i |s_(i) - t_(i)| (double), and sign[r, j] = sign(s_j - t_(rank of s_j)), the
+// distance's gradient in student entry j. Stable radix sorts: ties rank by column id.
+void sorted_l1_distance(const float* student, std::int64_t n_rows, std::int64_t vs, const float* teacher,
+                        std::int64_t vt, double* distance, float* sign, int n_threads);
+
 // Instruction set of the float kernels, picked once from cpuid (the best the CPU runs); tests and
 // benchmarks may force a lower one. Throws InputError for one this CPU cannot run.
 enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };

@@ -151,7 +151,10 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
     their totals (a lower bound of it, by the triangle inequality); exact when k covers both
     vocabularies. A sparse teacher (``TopK`` rows, ``[B, Lt, k]``) is used as given.
 
-    On CPU with ``top_k`` below both vocabularies, the top k of dense rows comes from
+    Exact (``top_k=None``, dense teacher rows): on CPU the sorted distance is
+    :func:`ctalign.ops.sorted_l1_distance`, compiled radix sorts of both rows (once-differentiable;
+    ``ops.force_backend("reference")`` sorts with ``torch.sort``). On CPU with ``top_k`` below both
+    vocabularies, the top k of dense rows comes from
     :func:`ctalign.ops.topk_logprobs` on the paired rows in place (one compiled pass per row, no
     softmax, no gathered row copies; its backward is once-differentiable: ``ops.force_backend
     ("reference")`` gives the pure-torch path for higher-order gradients). A sparse teacher's kept
@@ -258,16 +261,20 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
             hi = min(lo + chunk_size, sb.numel())
             xs = student_logits[sb[lo:hi], sj[lo:hi] - 1, :Vs]
             _check_paired_rows(xs, sb[lo:hi], sj[lo:hi] - 1, "student", temp_s, Ls)
-            ps, tail_s = _sorted_probs(xs, top_k, temp_s)
             rows = _select_rows(t_rows, t_flat_idx[lo:hi].to(_rows_device(t_rows)))
+            if not sparse_teacher and (top_k is None or top_k >= max(Vs, Vt)):
+                # exact: every probability of both sides, sorted (on CPU by the compiled radix sorts)
+                _check_paired_rows(rows[:, :Vt], tb[lo:hi], tk[lo:hi] - 1, "teacher", temp_t, Lt)
+                pt = torch.softmax(rows[:, :Vt].to(dev).float() / temp_t, -1)
+                vals.append(_ops().sorted_l1_distance(torch.softmax(xs.float() / temp_s, -1), pt))
+                continue
+            ps, tail_s = _sorted_probs(xs, top_k, temp_s)
             if sparse_teacher:
                 pt, tail_t = _sorted_topk_rows(rows, top_k, temp_t)
                 pt, tail_t = pt.to(dev), tail_t.to(dev)
             else:
                 _check_paired_rows(rows[:, :Vt], tb[lo:hi], tk[lo:hi] - 1, "teacher", temp_t, Lt)
                 pt, tail_t = _sorted_probs(rows[:, :Vt].to(dev), top_k, temp_t)
-            if top_k is not None and not sparse_teacher and top_k >= max(Vs, Vt):
-                tail_s = tail_t = None
             vals.append(_uld_distance(ps, tail_s, pt, tail_t))
         w1 = w1.index_put((sb, sj), torch.cat(vals))
     if distance_mean == "examples":

@@ -136,3 +136,20 @@ class _TopKLogprobs(torch.autograd.Function):
         grad = _cpu_backend.topk_logprobs_backward(x, vocab_size, rows, ids, temperature, lse,
                                                    grad_lp.to(lse.dtype).contiguous())
         return grad.to(x.dtype), None, None, None, None
+
+
+class _SortedL1(torch.autograd.Function):
+    """ULD's exact distance by the compiled radix sorts; the gradient in the student's probabilities is
+    the kernel's sign per entry (the teacher side takes none)."""
+
+    @staticmethod
+    def forward(ctx, student, teacher):
+        distance, sign = _cpu_backend.sorted_l1_distance(student, teacher)
+        ctx.save_for_backward(sign)
+        return distance.to(student.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (sign,) = ctx.saved_tensors
+        return grad[:, None] * sign, None

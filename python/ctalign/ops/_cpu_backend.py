@@ -26,7 +26,7 @@ __all__ = [
     "available", "full_output", "grouped_logmass", "grouped_logmass_backward", "range_logmass", "range_logmass_backward",
     "topk_grouped_logmass", "topk_grouped_sparse", "topk_logprobs", "topk_logprobs_backward", "topk_trie_sparse",
     "topk_cover_sparse", "trie_conditional_logprobs", "trie_conditional_logprobs_backward", "num_threads",
-    "set_num_threads", "kernel_isa", "set_kernel_isa",
+    "set_num_threads", "kernel_isa", "set_kernel_isa", "sorted_l1_distance",
 ]
 
 _ELEM_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -210,3 +210,11 @@ def topk_cover_sparse(indices, logprobs, vocab_size, rank, order_size, ptr, stud
                                        _np(ptr, torch.int64), _np(students, torch.int64), int(n_students),
                                        float(temperature), num_threads())
     return torch.from_numpy(ids), torch.from_numpy(out)
+
+
+def sorted_l1_distance(student: torch.Tensor, teacher: torch.Tensor):
+    """(distance float64 [N], sign float32 [N, V_s]) of float32 CPU probability rows (reference.sorted_l1_distance
+    and its gradient's sign per student entry), by radix sorts."""
+    d, sign = _core.sorted_l1_distance(student.detach().contiguous().numpy(), teacher.detach().contiguous().numpy(),
+                                       num_threads())
+    return torch.from_numpy(d), torch.from_numpy(sign)

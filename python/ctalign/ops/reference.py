@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "available", "grouped_logmass", "range_logmass", "topk_grouped_logmass", "topk_grouped_sparse",
-    "topk_range_logmass", "topk_logprobs",
+    "topk_range_logmass", "topk_logprobs", "sorted_l1_distance",
     "safe_log", "tempered_logprobs", "DIRECT_SUM_BELOW",
 ]
 
@@ -238,3 +238,15 @@ def topk_range_logmass(indices: torch.Tensor, logprobs: torch.Tensor, rank: torc
     b = torch.searchsorted(keys, hi)
     mass = _range_sums(p_sorted, rows, a, b)
     return safe_log(mass).to(out_dtype)
+
+
+def sorted_l1_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """ULD's exact distance per row: ``sum_i |s_(i) - t_(i)|`` of the student's ``[N, V_s]`` and the
+    teacher's ``[N, V_t]`` probabilities, each sorted in decreasing order, the shorter padded with zeros
+    (differentiable through ``torch.sort``; the compiled kernel's definition)."""
+    a = torch.sort(student, -1, descending=True).values
+    b = torch.sort(teacher, -1, descending=True).values
+    n = max(a.shape[-1], b.shape[-1])
+    a = torch.nn.functional.pad(a, (0, n - a.shape[-1]))
+    b = torch.nn.functional.pad(b, (0, n - b.shape[-1]))
+    return (a - b).abs().sum(-1)
