@@ -4,9 +4,11 @@
 //
 // Layout and cost: probabilities are non-negative floats, whose IEEE bit patterns order as unsigned
 // integers do, so each row is sorted by an LSD radix sort of ~bits (three passes of 11 bits; O(V) per
-// pass, stable): the teacher's values alone, the student's with their column ids. Per thread: two
-// uint32 key buffers of max(V_s, V_t) and two id buffers of V_s (reused from row to row). The sum is
-// accumulated in double. A pure-torch reference: ctalign.ops.reference.sorted_l1_distance.
+// pass, stable): the teacher's values alone, the student's with their column ids. Only the
+// m = min(V_s, V_t) largest of the wider side pair with the other side's values (the rest pair with
+// the padding zeros), so that side is first cut to the buckets of its top key digit that hold its m
+// largest (one histogram pass). Per thread: two uint32 key buffers and a float buffer of
+// max(V_s, V_t), two id buffers of V_s (reused from row to row). The sum is accumulated in double. A pure-torch reference: ctalign.ops.reference.sorted_l1_distance.
 #include <algorithm>
 #include <array>
 #include <climits>
@@ -77,6 +79,42 @@ void radix_sort(SortScratch& s, std::int64_t n, bool with_ids) {
   }
 }
 
+// Leaves the m largest values of x[0, n), sorted decreasingly as keys, in s.keys[0, m) (with their column
+// ids in s.ids when with_ids; ties by id) and returns the sum of the values left out. m < n: a histogram
+// of the top key digit finds the buckets that hold the m largest, and only those are sorted.
+double top_sorted(SortScratch& s, const float* x, std::int64_t n, std::int64_t m, bool with_ids) {
+  constexpr int kTopShift = 32 - kRadixBits;
+  if (m >= n) {
+    for (std::int64_t i = 0; i < n; ++i) {
+      s.keys[i] = descending_key(x[i] + 0.0f);  // + 0.0f: -0 -> +0
+      if (with_ids) s.ids[i] = static_cast<std::int32_t>(i);
+    }
+    radix_sort(s, n, with_ids);
+    return 0.0;
+  }
+  std::array<std::int64_t, kBuckets> count{};
+  for (std::int64_t i = 0; i < n; ++i) ++count[descending_key(x[i] + 0.0f) >> kTopShift];
+  std::uint32_t boundary = 0;
+  for (std::int64_t above = 0; boundary < kBuckets - 1 && above + count[boundary] < m; ++boundary) {
+    above += count[boundary];
+  }
+  std::int64_t c = 0;
+  double rest = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::uint32_t key = descending_key(x[i] + 0.0f);
+    if ((key >> kTopShift) <= boundary) {
+      s.keys[c] = key;
+      if (with_ids) s.ids[c] = static_cast<std::int32_t>(i);
+      ++c;
+    } else {
+      rest += x[i];
+    }
+  }
+  radix_sort(s, c, with_ids);
+  for (std::int64_t i = m; i < c; ++i) rest += value_of_key(s.keys[i]);
+  return rest;
+}
+
 }  // namespace
 }  // namespace detail
 
@@ -112,24 +150,24 @@ void sorted_l1_distance(const float* student, std::int64_t n_rows, std::int64_t 
       s.ids.resize(vs);
       s.ids_tmp.resize(vs);
     }
+    // Only the m = min(V_s, V_t) largest of each side pair with each other; the wider side's other
+    // entries pair with the padding zeros (their sum, and for the student a sign of +1 where > 0).
+    const std::int64_t m = std::min(vs, vt);
     const float* t = teacher + r * vt;
-    for (std::int64_t i = 0; i < vt; ++i) s.keys[i] = descending_key(t[i] + 0.0f);  // + 0.0f: -0 -> +0
-    radix_sort(s, vt, false);
+    double d = top_sorted(s, t, vt, m, false);
     float* t_sorted = s.teacher_sorted.data();
-    for (std::int64_t i = 0; i < vt; ++i) t_sorted[i] = value_of_key(s.keys[i]);
+    for (std::int64_t i = 0; i < m; ++i) t_sorted[i] = value_of_key(s.keys[i]);
     const float* p = student + r * vs;
-    for (std::int64_t i = 0; i < vs; ++i) {
-      s.keys[i] = descending_key(p[i] + 0.0f);
-      s.ids[i] = static_cast<std::int32_t>(i);
-    }
-    radix_sort(s, vs, true);
     float* g = sign + r * vs;
-    double d = 0.0;
-    for (std::int64_t i = 0; i < width; ++i) {
-      const float a = i < vs ? value_of_key(s.keys[i]) : 0.0f;
-      const float b = i < vt ? t_sorted[i] : 0.0f;
+    if (vs > m) {
+      for (std::int64_t j = 0; j < vs; ++j) g[j] = p[j] > 0.0f ? 1.0f : 0.0f;
+    }
+    d += top_sorted(s, p, vs, m, true);
+    for (std::int64_t i = 0; i < m; ++i) {
+      const float a = value_of_key(s.keys[i]);
+      const float b = t_sorted[i];
       d += std::fabs(static_cast<double>(a) - static_cast<double>(b));
-      if (i < vs) g[s.ids[i]] = a > b ? 1.0f : (a < b ? -1.0f : 0.0f);
+      g[s.ids[i]] = a > b ? 1.0f : (a < b ? -1.0f : 0.0f);
     }
     distance[r] = d;
   });
