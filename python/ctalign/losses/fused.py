@@ -41,9 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ctalign.losses._common import (_NEG_INF, _check_reduction, _check_temperature, _check_ids, _fit, _token_mask,
-                                    _check_alignment_ids, _alignment_lengths, _check_target_ids, _Terms,
-                                    _teacher_rows, _is_topk, _select_rows, _rows_device,
+from ctalign.losses._common import (_NEG_INF, _check_reduction, _check_ids, _fit, _token_mask,
+                                    _check_target_ids, _Terms, _teacher_rows, _is_topk, _select_rows, _rows_device,
                                     _check_logits)
 
 from ctalign.losses.fused_head import (LMHead, _acc, _ce_term, _check_hidden, _chunk, _float, _Plan, _prepare,
@@ -371,82 +370,31 @@ def uld_loss_from_hidden(hidden, head, teacher_logits, student_ids, *, alignment
                          chunk_size: int | None = None) -> torch.Tensor:
     """:func:`ctalign.losses.uld_loss` from hidden states and the output layer (the same pairs, sorted
     or top-k probabilities, tails and conventions)."""
-    from ctalign import ops
-    from ctalign.losses.uld import (_pairs_byte, _pairs_positional, _sorted_probs, _sorted_topk_rows, _uld_distance,
-                                    _check_paired_rows, _compiled_top_probs)
+    from ctalign.losses.uld import _compiled_topk_applies, _compiled_topk_distances, _row_distances, _setup
     _check_reduction(reduction)
-    temperature = _check_temperature(temperature)
-    temp_s = temperature if student_temperature is None else _check_temperature(student_temperature,
-                                                                                "student_temperature")
-    temp_t = temperature if teacher_temperature is None else _check_temperature(teacher_temperature,
-                                                                                "teacher_temperature")
-    if distance_mean not in ("pairs", "examples"):
-        raise ValueError(f"distance_mean must be 'pairs' or 'examples', got {distance_mean!r}")
-    if align not in ("positional", "byte"):
-        raise ValueError(f"align must be 'positional' or 'byte', got {align!r}")
-    if top_k is not None:
-        top_k = int(top_k)
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     head = LMHead.of(head)
     B, Ls, Vs = _check_hidden(hidden, head, student_vocab_size)
-    sparse_teacher = _is_topk(teacher_logits)
-    if sparse_teacher:
-        B_t, Lt = teacher_logits.indices.shape[:2]
-        Vt = None
-    else:
-        Vt = _check_logits(teacher_logits, "teacher logits", teacher_vocab_size)
-        B_t, Lt = teacher_logits.shape[:2]
-    if B_t != B:
-        raise ValueError(f"teacher batch {B_t} != student batch {B}")
     dev = hidden.device
-    ids = _check_ids(student_ids, "student_ids", (B, Ls), Vs).to(dev)
-    _check_alignment_ids(alignment, ids, "student")
-    s_t = _token_mask(student_mask, _alignment_lengths(alignment, "student"), (B, Ls), dev)
-    t_t = _token_mask(teacher_mask, _alignment_lengths(alignment, "teacher"), (B, Lt), dev)
-    if align == "byte":
-        if alignment is None:
-            raise ValueError("align='byte' needs the alignment (ctalign.align.align) of the two tokenizations")
-        (sb, sj), (tb, tk) = _pairs_byte(s_t, t_t, _fit(alignment.s_chunk.to(dev), Ls, -1),
-                                         _fit(alignment.t_chunk.to(dev), Lt, -1))
-    else:
-        (sb, sj), (tb, tk) = _pairs_positional(s_t, t_t)
-    ce_t = s_t if ce_mask is None else _token_mask(ce_mask, _alignment_lengths(alignment, "student"), (B, Ls), dev)
+    su = _setup(teacher_logits, student_ids, alignment, student_mask, teacher_mask, ce_mask, align=align, top_k=top_k,
+                temperature=temperature, student_temperature=student_temperature,
+                teacher_temperature=teacher_temperature, distance_mean=distance_mean,
+                teacher_vocab_size=teacher_vocab_size, B=B, Ls=Ls, Vs=Vs, dev=dev)
+    ids, ((sb, sj), (tb, tk)) = su.ids, su.pairs
     terms = []
     if ce_weight != 0.0:
-        terms.append(_ce_term(ce_weight, ids, ce_t, Vs, Ls))
-    elif ce_t[:, 1:].any():
-        _check_target_ids(ids, Vs, ce_t)
+        terms.append(_ce_term(ce_weight, ids, su.ce_t, Vs, Ls))
+    elif su.ce_t[:, 1:].any():
+        _check_target_ids(ids, Vs, su.ce_t)
     if uld_weight != 0.0 and sb.numel():
-        compiled = (top_k is not None and top_k < Vs and (sparse_teacher or top_k < Vt)
-                    and ops.uses_compiled_kernels(hidden)
-                    and (sparse_teacher or ops.uses_compiled_kernels(teacher_logits)))
+        compiled = _compiled_topk_applies(su, Vs, hidden, teacher_logits)
         t_rows, _, _ = _teacher_rows(teacher_logits)
-        t_flat = (tb * Lt + (tk - 1)).to(_rows_device(t_rows))
+        t_flat = (tb * su.Lt + (tk - 1)).to(_rows_device(t_rows))
 
         def fn(x, local, e):
             if compiled:
-                ps = _compiled_top_probs(x, local, top_k, Vs, temp_s, "student", x.shape[0])
-                if sparse_teacher:
-                    pt, tail_t = _sorted_topk_rows(_select_rows(t_rows, t_flat[e]), top_k, temp_t)
-                else:
-                    pt = _compiled_top_probs(teacher_logits.detach(), t_flat[e], top_k, Vt, temp_t, "teacher", Lt)
-                    tail_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
-                tail_s = (1.0 - ps.sum(-1)).clamp_min(0.0)
-                return _uld_distance(ps, tail_s, pt.to(dev), tail_t.to(dev))
-            xs = _rows_of(x, local)[:, :Vs]
-            _check_paired_rows(xs, sb[e], sj[e] - 1, "student", temp_s, Ls)
-            ps, tail_s = _sorted_probs(xs, top_k, temp_s)
-            rows = _select_rows(t_rows, t_flat[e])
-            if sparse_teacher:
-                pt, tail_t = _sorted_topk_rows(rows, top_k, temp_t)
-                pt, tail_t = pt.to(dev), tail_t.to(dev)
-            else:
-                _check_paired_rows(rows[:, :Vt], tb[e], tk[e] - 1, "teacher", temp_t, Lt)
-                pt, tail_t = _sorted_probs(rows[:, :Vt].to(dev), top_k, temp_t)
-            if top_k is not None and not sparse_teacher and top_k >= max(Vs, Vt):
-                tail_s = tail_t = None
-            return _uld_distance(ps, tail_s, pt, tail_t)
+                return _compiled_topk_distances(su, x, local, x.shape[0], teacher_logits, t_rows, t_flat[e], Vs, dev)
+            return _row_distances(su, _rows_of(x, local)[:, :Vs], _select_rows(t_rows, t_flat[e]), Vs,
+                                  (sb[e], sj[e] - 1), (tb[e], tk[e] - 1), Ls, dev)
         if distance_mean == "examples":
             per_example = torch.bincount(sb, minlength=B).float()
             factor = 1.0 / per_example.clamp_min(1)[sb]

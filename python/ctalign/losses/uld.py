@@ -3,6 +3,8 @@ next-token distributions, over aligned token pairs (positional or byte-aligned).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -129,6 +131,96 @@ def _uld_distance(ps: torch.Tensor, tail_s, pt: torch.Tensor, tail_t) -> torch.T
     return d
 
 
+class _Setup(NamedTuple):
+    """What uld_loss and its fused form share: options, the teacher side and the paired positions."""
+    temp_s: float
+    temp_t: float
+    top_k: int | None
+    sparse_teacher: bool
+    Vt: int | None
+    Lt: int
+    pairs: tuple  # ((sb, sj), (tb, tk)): student (batch, position) and teacher (batch, position) per pair
+    ce_t: torch.Tensor
+    ids: torch.Tensor  # the student ids, checked, on the student's device
+
+
+def _setup(teacher_logits, student_ids, alignment, student_mask, teacher_mask, ce_mask, *, align, top_k, temperature,
+           student_temperature, teacher_temperature, distance_mean, teacher_vocab_size, B, Ls, Vs, dev) -> _Setup:
+    temperature = _check_temperature(temperature)
+    temp_s = temperature if student_temperature is None else _check_temperature(student_temperature,
+                                                                                "student_temperature")
+    temp_t = temperature if teacher_temperature is None else _check_temperature(teacher_temperature,
+                                                                                "teacher_temperature")
+    if distance_mean not in ("pairs", "examples"):
+        raise ValueError(f"distance_mean must be 'pairs' or 'examples', got {distance_mean!r}")
+    if align not in ("positional", "byte"):
+        raise ValueError(f"align must be 'positional' or 'byte', got {align!r}")
+    if top_k is not None:
+        top_k = int(top_k)
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    sparse_teacher = _is_topk(teacher_logits)
+    if sparse_teacher:
+        B_t, Lt = teacher_logits.indices.shape[:2]
+        Vt = None
+    else:
+        Vt = _check_logits(teacher_logits, "teacher logits", teacher_vocab_size)
+        B_t, Lt = teacher_logits.shape[:2]
+    if B_t != B:
+        raise ValueError(f"teacher batch {B_t} != student batch {B}")
+    s_t = _token_mask(student_mask, _alignment_lengths(alignment, "student"), (B, Ls), dev)
+    t_t = _token_mask(teacher_mask, _alignment_lengths(alignment, "teacher"), (B, Lt), dev)
+    if align == "byte":
+        if alignment is None:
+            raise ValueError("align='byte' needs the alignment (ctalign.align.align) of the two tokenizations")
+        pairs = _pairs_byte(s_t, t_t, _fit(alignment.s_chunk.to(dev), Ls, -1), _fit(alignment.t_chunk.to(dev), Lt, -1))
+    else:
+        pairs = _pairs_positional(s_t, t_t)
+    ce_t = s_t if ce_mask is None else _token_mask(ce_mask, _alignment_lengths(alignment, "student"), (B, Ls), dev)
+    ids = _check_ids(student_ids, "student_ids", (B, Ls), Vs).to(dev)
+    _check_alignment_ids(alignment, ids, "student")
+    return _Setup(temp_s, temp_t, top_k, sparse_teacher, Vt, int(Lt), pairs, ce_t, ids)
+
+
+def _compiled_topk_applies(su: _Setup, Vs: int, student_side, teacher_logits) -> bool:
+    """CPU: both sides' top k from the paired rows in place (no softmax, no gathered row copies)."""
+    return (su.top_k is not None and su.top_k < Vs and (su.sparse_teacher or su.top_k < su.Vt)
+            and _ops().uses_compiled_kernels(student_side)
+            and (su.sparse_teacher or _ops().uses_compiled_kernels(teacher_logits)))
+
+
+def _compiled_topk_distances(su: _Setup, student_side, s_rows, s_length, teacher_logits, t_rows, t_flat, Vs, dev):
+    """Distances of the pairs whose student rows are ``s_rows`` of ``student_side`` (logits [B, L, W]),
+    by the compiled top k of both sides."""
+    ps = _compiled_top_probs(student_side, s_rows, su.top_k, Vs, su.temp_s, "student", s_length)
+    if su.sparse_teacher:
+        pt, tail_t = _sorted_topk_rows(_select_rows(t_rows, t_flat), su.top_k, su.temp_t)
+    else:
+        pt = _compiled_top_probs(teacher_logits.detach(), t_flat, su.top_k, su.Vt, su.temp_t, "teacher", su.Lt)
+        tail_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
+    tail_s = (1.0 - ps.sum(-1)).clamp_min(0.0)
+    return _uld_distance(ps, tail_s, pt.to(dev), tail_t.to(dev))
+
+
+def _row_distances(su: _Setup, xs, rows, Vs, s_where, t_where, Ls, dev):
+    """Distances of paired rows: student logits ``xs`` [n, Vs] and the teacher's ``rows`` (dense or TopK);
+    ``s_where`` / ``t_where``: their (batch, position) for errors."""
+    _check_paired_rows(xs, *s_where, "student", su.temp_s, Ls)
+    Vt, top_k = su.Vt, su.top_k
+    if su.sparse_teacher:
+        ps, tail_s = _sorted_probs(xs, top_k, su.temp_s)
+        pt, tail_t = _sorted_topk_rows(rows, top_k, su.temp_t)
+        return _uld_distance(ps, tail_s, pt.to(dev), tail_t.to(dev))
+    _check_paired_rows(rows[:, :Vt], *t_where, "teacher", su.temp_t, su.Lt)
+    if top_k is None or top_k >= max(Vs, Vt):
+        # exact: every probability of both sides, sorted (on CPU by the compiled radix sorts)
+        pt = torch.softmax(rows[:, :Vt].to(dev).float() / su.temp_t, -1)
+        return _ops().sorted_l1_distance(torch.softmax(xs.float() / su.temp_s, -1), pt)
+    ps, tail_s = _sorted_probs(xs, top_k, su.temp_s)
+    pt, tail_t = _sorted_probs(rows[:, :Vt].to(dev), top_k, su.temp_t)
+    return _uld_distance(ps, tail_s, pt, tail_t)
+
+
 def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, alignment=None,
              student_mask=None, teacher_mask=None, align: str = "positional", uld_weight: float = 1.0,
              ce_weight: float = 1.0, top_k: int | None = None, temperature: float = 1.0,
@@ -195,88 +287,33 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
       ``distance_mean='examples'``, the eos-skipping masks as above, ``align='positional'``.
     """
     _check_reduction(reduction)
-    temperature = _check_temperature(temperature)
-    temp_s = temperature if student_temperature is None else _check_temperature(student_temperature,
-                                                                                "student_temperature")
-    temp_t = temperature if teacher_temperature is None else _check_temperature(teacher_temperature,
-                                                                                "teacher_temperature")
-    if distance_mean not in ("pairs", "examples"):
-        raise ValueError(f"distance_mean must be 'pairs' or 'examples', got {distance_mean!r}")
-    if align not in ("positional", "byte"):
-        raise ValueError(f"align must be 'positional' or 'byte', got {align!r}")
-    if top_k is not None:
-        top_k = int(top_k)
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     Vs = _check_logits(student_logits, "student logits", student_vocab_size)
     B, Ls, _ = student_logits.shape
-    sparse_teacher = _is_topk(teacher_logits)
-    if sparse_teacher:
-        B_t, Lt = teacher_logits.indices.shape[:2]
-        Vt = None
-    else:
-        Vt = _check_logits(teacher_logits, "teacher logits", teacher_vocab_size)
-        B_t, Lt = teacher_logits.shape[:2]
-    if B_t != B:
-        raise ValueError(f"teacher batch {B_t} != student batch {B}")
-    ids = _check_ids(student_ids, "student_ids", (B, Ls), Vs).to(student_logits.device)
-    _check_alignment_ids(alignment, ids, "student")
     dev = student_logits.device
-    s_t = _token_mask(student_mask, _alignment_lengths(alignment, "student"), (B, Ls), dev)
-    t_t = _token_mask(teacher_mask, _alignment_lengths(alignment, "teacher"), (B, Lt), dev)
-    if align == "byte":
-        if alignment is None:
-            raise ValueError("align='byte' needs the alignment (ctalign.align.align) of the two tokenizations")
-        (sb, sj), (tb, tk) = _pairs_byte(s_t, t_t, _fit(alignment.s_chunk.to(dev), Ls, -1),
-                                         _fit(alignment.t_chunk.to(dev), Lt, -1))
-    else:
-        (sb, sj), (tb, tk) = _pairs_positional(s_t, t_t)
+    su = _setup(teacher_logits, student_ids, alignment, student_mask, teacher_mask, ce_mask, align=align, top_k=top_k,
+                temperature=temperature, student_temperature=student_temperature,
+                teacher_temperature=teacher_temperature, distance_mean=distance_mean,
+                teacher_vocab_size=teacher_vocab_size, B=B, Ls=Ls, Vs=Vs, dev=dev)
+    ids, ((sb, sj), (tb, tk)) = su.ids, su.pairs
     terms = _Terms(student_logits)
-    ce_t = s_t if ce_mask is None else _token_mask(ce_mask, _alignment_lengths(alignment, "student"), (B, Ls), dev)
     if ce_weight != 0.0:
-        terms.add(ce_weight, _shifted_ce(student_logits, ids, Vs, ce_t), ce_t.sum())
+        terms.add(ce_weight, _shifted_ce(student_logits, ids, Vs, su.ce_t), su.ce_t.sum())
     else:
-        _check_target_ids(ids, Vs, ce_t)  # the CE pass (skipped) would have refused them
+        _check_target_ids(ids, Vs, su.ce_t)  # the CE pass (skipped) would have refused them
     w1 = student_logits.new_zeros((B, Ls), dtype=torch.float32)
-    compiled = (top_k is not None and top_k < Vs and (sparse_teacher or top_k < Vt)
-                and _ops().uses_compiled_kernels(student_logits)
-                and (sparse_teacher or _ops().uses_compiled_kernels(teacher_logits)))
-    if uld_weight != 0.0 and sb.numel() and compiled:
-        # CPU: both sides' top k from the paired rows in place (no softmax, no gathered row copies)
+    if uld_weight != 0.0 and sb.numel():
         t_rows, _, _ = _teacher_rows(teacher_logits)
-        t_flat_idx = (tb * Lt + (tk - 1)).to(_rows_device(t_rows))
-        ps = _compiled_top_probs(student_logits, sb * Ls + (sj - 1), top_k, Vs, temp_s, "student", Ls)
-        if sparse_teacher:
-            pt, tail_t = _sorted_topk_rows(_select_rows(t_rows, t_flat_idx), top_k, temp_t)
+        t_flat_idx = (tb * su.Lt + (tk - 1)).to(_rows_device(t_rows))
+        if _compiled_topk_applies(su, Vs, student_logits, teacher_logits):
+            d = _compiled_topk_distances(su, student_logits, sb * Ls + (sj - 1), Ls, teacher_logits, t_rows,
+                                         t_flat_idx, Vs, dev)
         else:
-            pt = _compiled_top_probs(teacher_logits.detach(), t_flat_idx, top_k, Vt, temp_t, "teacher", Lt)
-            tail_t = (1.0 - pt.sum(-1)).clamp_min(0.0)
-        tail_s = (1.0 - ps.sum(-1)).clamp_min(0.0)
-        w1 = w1.index_put((sb, sj), _uld_distance(ps, tail_s, pt.to(dev), tail_t.to(dev)))
-    elif uld_weight != 0.0 and sb.numel():
-        t_rows, _, _ = _teacher_rows(teacher_logits)
-        t_flat_idx = tb * Lt + (tk - 1)
-        vals = []
-        for lo in range(0, sb.numel(), chunk_size):
-            hi = min(lo + chunk_size, sb.numel())
-            xs = student_logits[sb[lo:hi], sj[lo:hi] - 1, :Vs]
-            _check_paired_rows(xs, sb[lo:hi], sj[lo:hi] - 1, "student", temp_s, Ls)
-            rows = _select_rows(t_rows, t_flat_idx[lo:hi].to(_rows_device(t_rows)))
-            if not sparse_teacher and (top_k is None or top_k >= max(Vs, Vt)):
-                # exact: every probability of both sides, sorted (on CPU by the compiled radix sorts)
-                _check_paired_rows(rows[:, :Vt], tb[lo:hi], tk[lo:hi] - 1, "teacher", temp_t, Lt)
-                pt = torch.softmax(rows[:, :Vt].to(dev).float() / temp_t, -1)
-                vals.append(_ops().sorted_l1_distance(torch.softmax(xs.float() / temp_s, -1), pt))
-                continue
-            ps, tail_s = _sorted_probs(xs, top_k, temp_s)
-            if sparse_teacher:
-                pt, tail_t = _sorted_topk_rows(rows, top_k, temp_t)
-                pt, tail_t = pt.to(dev), tail_t.to(dev)
-            else:
-                _check_paired_rows(rows[:, :Vt], tb[lo:hi], tk[lo:hi] - 1, "teacher", temp_t, Lt)
-                pt, tail_t = _sorted_probs(rows[:, :Vt].to(dev), top_k, temp_t)
-            vals.append(_uld_distance(ps, tail_s, pt, tail_t))
-        w1 = w1.index_put((sb, sj), torch.cat(vals))
+            d = torch.cat([_row_distances(su, student_logits[sb[lo:lo + chunk_size], sj[lo:lo + chunk_size] - 1, :Vs],
+                                          _select_rows(t_rows, t_flat_idx[lo:lo + chunk_size]), Vs,
+                                          (sb[lo:lo + chunk_size], sj[lo:lo + chunk_size] - 1),
+                                          (tb[lo:lo + chunk_size], tk[lo:lo + chunk_size] - 1), Ls, dev)
+                           for lo in range(0, sb.numel(), chunk_size)])
+        w1 = w1.index_put((sb, sj), d)
     if distance_mean == "examples":
         per_example = torch.bincount(sb, minlength=B).to(w1.dtype)
         w1 = w1 / per_example.clamp_min(1)[:, None]
