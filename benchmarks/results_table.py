@@ -69,6 +69,7 @@ def main(argv=None) -> int:
                    help="train against the live teacher model (its top-k rows at the same k, computed every step) "
                         "instead of the teacher cache; the runs are named METHOD-live-seedN")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    p.add_argument("--ce-weight", type=float, default=None, help="ctalign distill --ce-weight (default: each loss's)")
     p.add_argument("--out", default="runs/results")
     p.add_argument("--table", default=str(ROOT / "docs" / "results.md"))
     args = p.parse_args(argv)
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
     _ctalign("cache-teacher", teacher, str(train), "-o", str(cache), "--top-k", str(args.top_k), "--max-length",
              str(args.max_length), "--batch-size", "4", "--shard-examples", "64", "--json", log=log)
     teacher_args = ["--teacher", teacher, "--train", str(train)] if args.live_teacher else ["--teacher", str(cache)]
-    common = ["--student", student, *teacher_args, "--eval", held, "--eval-texts", str(args.eval_texts),
+    variant = [] if args.ce_weight is None else ["--ce-weight", str(args.ce_weight)]
+    common = [*variant, "--student", student, *teacher_args, "--eval", held, "--eval-texts", str(args.eval_texts),
               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
               "--lr", str(args.lr), "--top-k", str(args.top_k), "--warmup-steps", str(args.warmup_steps),
               "--threads", str(args.threads), "--no-save", "--json", "--quiet"]
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
     rows = {}
     for method in args.methods:
         for seed in args.seeds:
-            run = out / f"{method}-{'live-' if args.live_teacher else ''}seed{seed}"
+            tag = ("live-" if args.live_teacher else "") + ("" if args.ce_weight is None else f"ce{args.ce_weight:g}-")
+            run = out / f"{method}-{tag}seed{seed}"
             if (run / "report.json").exists():
                 rep = json.loads((run / "report.json").read_text())
             else:
@@ -180,7 +183,8 @@ def _write_table(rows, teacher_bpb, args, table: Path, out: Path, n_train: int) 
         delta = f"{statistics.mean(after) - statistics.mean(sft):+.4f}" if sft and method != "sft" else "-"
         sps = statistics.mean(r["seconds_per_step"] for r in reps)
         share = statistics.mean(r["ctalign_share"] for r in reps)
-        name = f"{method} (live teacher)" if args.live_teacher else method
+        name = method + (" (live teacher)" if args.live_teacher else "") + (
+            "" if args.ce_weight is None else f" (CE weight {args.ce_weight:g})")
         lines.append(f"| {name} | {_fmt(after)} | {delta} | {sps:.2f} | {100 * share:.0f}% | {len(reps)} |")
     lines += ["", "Runs, reports and metrics: the `--out` folder (`*/report.json`, `*/metrics.jsonl`).", ""]
     table.write_text("\n".join(lines))

@@ -118,6 +118,30 @@ def test_dense_teacher_rows_enter_every_loss_as_their_top_k(load_test_vocab):
         assert torch.equal(obj(*args, [(1.0, dense)]), obj(*args, [(1.0, top)])), loss
 
 
+def test_ce_weight_adds_that_much_cross_entropy_to_every_loss(load_test_vocab):
+    """--ce-weight W: every loss is its distillation term plus W x the student's cross-entropy."""
+    from ctalign import build_map
+    from ctalign import losses as L
+    from ctalign.data import DistillationCollator
+    from ctalign.train.objectives import LOSSES, Objective, TeacherBatch
+
+    tv, sv = load_test_vocab("llama3"), load_test_vocab("mistral-v1")
+    amap = build_map(tv, sv)
+    b = DistillationCollator(amap, max_length=40)(["The quick brown fox jumps over the lazy dog.", "To be or not."])
+    g = torch.Generator().manual_seed(1)
+    t_logits = 3 * torch.randn(*b["teacher_input_ids"].shape, len(tv), generator=g)
+    s_logits = torch.randn(*b["student_input_ids"].shape, len(sv), generator=g)
+    tb = TeacherBatch(t_logits, b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"], amap=amap, vocab=tv)
+    args = (s_logits, None, b["student_input_ids"], b["student_loss_mask"], [(1.0, tb)])
+    ce = L.cross_entropy(s_logits, b["student_input_ids"], mask=b["student_loss_mask"], vocab_size=len(sv))
+    for loss in set(LOSSES) - {"sft", "bld"}:
+        with_ce, without = Objective(loss, sv, ce_weight=1.5)(*args), Objective(loss, sv, ce_weight=0.0)(*args)
+        assert torch.allclose(with_ce - without, 1.5 * ce, rtol=1e-5), loss
+    assert Objective("uld", sv).ce_weight == 1.0 and Objective("bpm", sv).ce_weight == 0.2
+    with pytest.raises(ValueError, match="ce_weight"):
+        Objective("bpm", sv, ce_weight=float("nan"))
+
+
 def test_two_copies_of_a_teacher_give_that_teachers_loss(load_test_vocab):
     """Mixing teachers is mixing their losses (targets, for the KL losses): two halves of one teacher
     are that teacher."""

@@ -26,6 +26,9 @@ def add_parser(sub, common) -> None:
     d.add_argument("--warmup-steps", type=int, default=0)
     d.add_argument("--temperature", type=float, default=1.0)
     d.add_argument("--top-k", type=int, default=64, help="teacher entries the losses use (0: all)")
+    d.add_argument("--ce-weight", type=float, default=None, metavar="W",
+                   help="weight of the student's cross-entropy added to the distillation loss (default: the loss's "
+                        "own, 1.0 for uld, bld and alm, 0.2 for the others)")
     d.add_argument("--eval-every", type=int, default=0, metavar="N", help="bits per byte every N steps too")
     d.add_argument("--eval-texts", type=int, default=64)
     d.add_argument("--seed", type=int, default=0)
@@ -51,7 +54,7 @@ def run(args, progress: bool) -> int:
                         top_k=args.top_k or None, eval_every=args.eval_every, eval_texts=args.eval_texts,
                         seed=args.seed, threads=args.threads, on_policy=args.on_policy,
                         on_policy_tokens=args.on_policy_tokens, save=not args.no_save, progress=progress,
-                        fused=args.fused)
+                        fused=args.fused, ce_weight=args.ce_weight)
     rep = distill(cfg)
     print(json.dumps(rep, sort_keys=True) if args.json else format_report(rep))
     return 0

@@ -40,6 +40,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     temperature: float = 1.0
     top_k: int | None = 64
+    ce_weight: float | None = None                      # the CE added to the distillation term (None: the loss's)
     eval_every: int = 0                                 # 0: before and after only
     eval_texts: int = 64
     seed: int = 0
@@ -65,6 +66,8 @@ class DistillConfig:
             raise CtalignError(f"schedule must be constant, linear or cosine, got {self.schedule!r}")
         if not 0.0 <= self.on_policy <= 1.0:
             raise CtalignError(f"on-policy share must be within [0, 1], got {self.on_policy}")
+        if self.ce_weight is not None and not (0.0 <= self.ce_weight < math.inf):
+            raise CtalignError(f"ce-weight must be a finite number >= 0, got {self.ce_weight}")
         if self.fused and self.loss == "alm":
             raise CtalignError("the alm loss has no fused form (--fused)")
         if not self.eval:
@@ -153,7 +156,7 @@ def distill(cfg: DistillConfig, *, return_student: bool = False):
         ddp = torch.nn.parallel.DistributedDataParallel(forward)
     hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
     objective = Objective(cfg.loss, student.vocab, temperature=cfg.temperature, top_k=cfg.top_k,
-                          hidden_size=hidden_size, reduction="global_mean" if world > 1 else "mean",
+                          ce_weight=cfg.ce_weight, hidden_size=hidden_size, reduction="global_mean" if world > 1 else "mean",
                           student_head=model if cfg.fused else None)
     params = [p for p in model.parameters() if p.requires_grad] + objective.parameters()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -7,7 +7,7 @@ same loss against the mixed target ``sum_i w_i q_i`` in the student's terms (the
 linear in the target; the targets' entropies are constants), so mixing losses is mixing targets; for
 ULD and ALM it is the weighted mean of the per-teacher losses. BPM, ESCD and strict-alignment KD
 train with the cross-entropy added at weight :data:`CE_WEIGHT` (likelihood's default), as ULD, BLD and
-ALM train with theirs.
+ALM train with theirs (1.0); ``ce_weight`` (``--ce-weight``) sets it for any loss.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import Any
 LOSSES = ("sft", "uld", "bld", "likelihood", "alm", "bpm", "escd", "strict_kd")
 #: the cross-entropy weight the methods without a CE term of their own train with here (likelihood's default)
 CE_WEIGHT = 0.2
+#: the losses that train with a cross-entropy weight of their own (their authors' defaults)
+DEFAULT_CE_WEIGHTS = {"uld": 1.0, "bld": 1.0, "alm": 1.0}
 BYTE_QUERIES = 10  # K, the bytes BLD's head predicts per student token
 
 
@@ -41,7 +43,8 @@ class Objective:
     """``loss(student_logits, student_hidden, student_ids, student_mask, teachers) -> scalar``."""
 
     def __init__(self, loss: str, student_vocab, *, temperature: float = 1.0, top_k: int | None = 64,
-                 hidden_size: int | None = None, reduction: str = "mean", student_head=None):
+                 hidden_size: int | None = None, reduction: str = "mean", student_head=None,
+                 ce_weight: float | None = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r} (known: {', '.join(LOSSES)})")
         from ctalign import losses as L
@@ -52,6 +55,10 @@ class Objective:
             raise ValueError("the alm loss has no fused form (--fused): it reads the student's chunk log-probabilities")
 
         self.name, self.student_vocab, self.temperature, self.top_k = loss, student_vocab, temperature, top_k
+        if ce_weight is not None and not (ce_weight >= 0.0 and ce_weight < float("inf")):
+            raise ValueError(f"ce_weight must be a finite number >= 0, got {ce_weight!r}")
+        # the cross-entropy weight added to the distillation term: the loss's own unless given
+        self.ce_weight = ce_weight if ce_weight is not None else DEFAULT_CE_WEIGHTS.get(loss, CE_WEIGHT)
         self.reduction = reduction  # "global_mean" under DDP: the mean over the whole global batch
         self.head = None
         if loss == "bld":
@@ -92,25 +99,28 @@ class Objective:
         if self.name == "uld":
             return L.uld_loss(s_logits, t.rows, s_ids, alignment=t.alignment, student_mask=s_mask,
                               teacher_mask=t.loss_mask, top_k=self.top_k or 256, temperature=T,
-                              student_vocab_size=Vs, teacher_vocab_size=Vt, align="byte", reduction=red)
+                              student_vocab_size=Vs, teacher_vocab_size=Vt, align="byte", reduction=red,
+                              ce_weight=self.ce_weight)
         if self.name == "likelihood":
             return L.likelihood_distillation_loss(s_logits, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
-                                                  temperature=T, top_k=self.top_k, reduction=red)
+                                                  temperature=T, top_k=self.top_k, reduction=red,
+                                                  ce_weight=self.ce_weight)
         if self.name == "bld":
             return L.byte_level_distillation_loss(s_logits, self.head(s_hidden), t.rows, s_ids, t.alignment,
                                                   student_vocab=self.student_vocab, teacher_vocab=t.vocab,
-                                                  student_mask=s_mask, temperature=T, reduction=red)
+                                                  student_mask=s_mask, temperature=T, reduction=red,
+                                                  ce_weight=self.ce_weight)
         if self.name == "bpm":
             return L.bpm_loss(s_logits, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask, temperature=T,
-                              ce_weight=CE_WEIGHT, reduction=red)
+                              ce_weight=self.ce_weight, reduction=red)
         if self.name == "escd":
             return L.escd_loss(s_logits, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask, temperature=T,
-                               ce_weight=CE_WEIGHT, reduction=red)
+                               ce_weight=self.ce_weight, reduction=red)
         if self.name == "strict_kd":
             return L.strict_kd_loss(s_logits, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
-                                    temperature=T, ce_weight=CE_WEIGHT, reduction=red)
+                                    temperature=T, ce_weight=self.ce_weight, reduction=red)
         # alm: added to the student's own cross-entropy, as its authors train it
-        ce = L.cross_entropy(s_logits, s_ids, mask=s_mask, vocab_size=Vs, reduction=red)
+        ce = self.ce_weight * L.cross_entropy(s_logits, s_ids, mask=s_mask, vocab_size=Vs, reduction=red)
         rows = None if t.own_logprob is not None else t.rows
         return ce + L.alm_loss(s_logits, rows, s_ids, t.input_ids, t.alignment, student_mask=s_mask,
                                teacher_mask=t.loss_mask, temperature=T, student_vocab=self.student_vocab,
@@ -123,19 +133,20 @@ class Objective:
             return L.uld_loss_from_hidden(s_hidden, hd, t.rows, s_ids, alignment=t.alignment, student_mask=s_mask,
                                           teacher_mask=t.loss_mask, top_k=self.top_k or 256, temperature=T,
                                           student_vocab_size=Vs, teacher_vocab_size=len(t.vocab), align="byte",
-                                          reduction=red)
+                                          reduction=red, ce_weight=self.ce_weight)
         if self.name == "likelihood":
             return L.likelihood_loss_from_hidden(s_hidden, hd, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
-                                                 temperature=T, top_k=self.top_k, reduction=red)
+                                                 temperature=T, top_k=self.top_k, reduction=red,
+                                                 ce_weight=self.ce_weight)
         if self.name == "bld":
             return L.bld_loss_from_hidden(s_hidden, hd, self.head(s_hidden), t.rows, s_ids, t.alignment,
                                           student_vocab=self.student_vocab, teacher_vocab=t.vocab, student_mask=s_mask,
-                                          temperature=T, reduction=red)
+                                          temperature=T, reduction=red, ce_weight=self.ce_weight)
         if self.name == "bpm":
             return L.bpm_loss_from_hidden(s_hidden, hd, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
-                                          temperature=T, ce_weight=CE_WEIGHT, reduction=red)
+                                          temperature=T, ce_weight=self.ce_weight, reduction=red)
         if self.name == "escd":
             return L.escd_loss_from_hidden(s_hidden, hd, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
-                                           temperature=T, ce_weight=CE_WEIGHT, reduction=red)
+                                           temperature=T, ce_weight=self.ce_weight, reduction=red)
         return L.strict_kd_loss_from_hidden(s_hidden, hd, t.rows, s_ids, t.alignment, t.amap, student_mask=s_mask,
-                                            temperature=T, ce_weight=CE_WEIGHT, reduction=red)
+                                            temperature=T, ce_weight=self.ce_weight, reduction=red)
