@@ -156,21 +156,22 @@ def loss_step(name: str, mode: str, amap, b, tl, hidden, weight, target):
     return float(loss.detach())
 
 
-def run_losses(reps: int = 3) -> list[dict]:
+def run_losses(reps: int = 5) -> list[dict]:
+    """Median seconds per step of every (loss, mode), the steps taken round-robin (one step of each, then
+    the next round) so that a change of the machine's load falls on every loss alike."""
     import torch
     torch.set_num_threads(1)
     case = loss_case()
-    rows = []
-    for name in LOSSES:
-        for mode in (("unfused",) if name == "plain_kl_ce" else ("unfused", "fused")):
+    cases = [(name, mode) for name in LOSSES for mode in (("unfused",) if name == "plain_kl_ce" else ("unfused", "fused"))]
+    times = {c: [] for c in cases}
+    for rnd in range(reps + 1):  # round 0 warms up
+        for name, mode in cases:
+            t0 = time.perf_counter()
             loss_step(name, mode, *case)
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                loss_step(name, mode, *case)
-                ts.append(time.perf_counter() - t0)
-            rows.append({"loss": name, "mode": mode, "seconds": statistics.median(ts)})
-    return rows
+            if rnd:
+                times[(name, mode)].append(time.perf_counter() - t0)
+    return [{"loss": name, "mode": mode, "seconds": statistics.median(times[(name, mode)]),
+             "runs": [round(t, 4) for t in times[(name, mode)]]} for name, mode in cases]
 
 
 # ---- pytest-benchmark ---------------------------------------------------------------------------------
