@@ -448,7 +448,37 @@ py::tuple sorted_l1(const py::handle& student_obj, const py::handle& teacher_obj
   return py::make_tuple(distance, sign);
 }
 
+py::tuple sorted_l1_of_logits(const py::handle& student_obj, const std::string& student_type, std::int64_t vs,
+                              const py::handle& s_rows_obj, double ts, const py::handle& teacher_obj,
+                              const std::string& teacher_type, std::int64_t vt, const py::handle& t_rows_obj, double tt,
+                              int n_threads) {
+  LogitsArg s = logits_arg(student_obj, student_type, vs, ts);
+  LogitsArg t = logits_arg(teacher_obj, teacher_type, vt, tt);
+  if (s.view.type == ElemType::f64 || t.view.type == ElemType::f64) {
+    throw py::type_error("sorted_l1_logits: float64 logits take the reference path");
+  }
+  auto s_rows = array_arg<std::int64_t>(s_rows_obj, "student rows", 1);
+  auto t_rows = array_arg<std::int64_t>(t_rows_obj, "teacher rows", 1);
+  if (s_rows.shape(0) != t_rows.shape(0)) throw py::value_error("student rows and teacher rows: one of each per pair");
+  const std::int64_t n = s_rows.shape(0);
+  py::array_t<double> distance(static_cast<py::ssize_t>(n));
+  py::array_t<float> sign({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(vs)});
+  py::array_t<float> probs({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(vs)});
+  py::array_t<std::uint8_t> bad(static_cast<py::ssize_t>(n));
+  {
+    py::gil_scoped_release release;
+    kernels::sorted_l1_logits(s.view, s_rows.data(), t.view, t_rows.data(), n, distance.mutable_data(),
+                              sign.mutable_data(), probs.mutable_data(), bad.mutable_data(), n_threads);
+  }
+  return py::make_tuple(distance, sign, probs, bad);
+}
+
 void bind_projection_kernels(py::module_& m) {
+  m.def("sorted_l1_logits", &sorted_l1_of_logits, py::arg("student"), py::arg("student_type"), py::arg("vs"),
+        py::arg("student_rows"), py::arg("student_temperature"), py::arg("teacher"), py::arg("teacher_type"),
+        py::arg("vt"), py::arg("teacher_rows"), py::arg("teacher_temperature"), py::arg("n_threads"),
+        "(distance float64 [P], sign float32 [P, V_s], student probabilities float32 [P, V_s], bad uint8 [P]): "
+        "sorted_l1_distance of the softmaxes of the paired logits rows (bad: 1 student, 2 teacher row not finite).");
   m.def("sorted_l1_distance", &sorted_l1, py::arg("student"), py::arg("teacher"), py::arg("n_threads"),
         "(distance float64 [N], sign float32 [N, V_s]): ULD's exact distance between the rows' probabilities "
         "sorted in decreasing order (the shorter padded with zeros), and its gradient in each student entry.");

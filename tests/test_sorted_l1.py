@@ -75,3 +75,33 @@ def test_exact_uld_on_a_real_pair_compiled_equals_the_torch_path(load_test_vocab
     want.backward()
     assert abs(got.item() - want.item()) < 1e-6 * max(1.0, abs(want.item()))
     assert torch.allclose(grad, s.grad, atol=1e-7)
+
+
+def test_exact_uld_names_a_bad_row_by_side_and_position(load_test_vocab):
+    """The compiled exact path (softmaxes in the kernel) refuses NaN / +inf / all -inf rows as the torch
+    path does, naming the side, batch and position."""
+    from ctalign import build_map
+    from ctalign.data import DistillationCollator
+    from ctalign.errors import NonFiniteLogitsError
+    tv, sv = load_test_vocab("llama3"), load_test_vocab("mistral-v1")
+    amap = build_map(tv, sv)
+    b = DistillationCollator(amap)(["The quick brown fox jumps over the lazy dog.", "To be, or not to be."])
+    g = torch.Generator().manual_seed(1)
+    t = torch.randn(*b["teacher_input_ids"].shape, len(tv), generator=g)
+    s = torch.randn(*b["student_input_ids"].shape, len(sv), generator=g)
+    kw = dict(student_mask=b["student_loss_mask"], teacher_mask=b["teacher_loss_mask"], student_vocab_size=len(sv),
+              teacher_vocab_size=len(tv))
+    bj = torch.nonzero(b["student_loss_mask"])[3]
+    s_bad = s.clone()
+    s_bad[bj[0], bj[1] - 1, 11] = float("inf")
+    t_bad = t.clone()
+    tj = torch.nonzero(b["teacher_loss_mask"])[2]
+    t_bad[tj[0], tj[1] - 1] = float("-inf")
+    for backend in (None, "reference"):
+        with ops.force_backend(backend), pytest.raises(
+                NonFiniteLogitsError, match=f"student logits at batch {int(bj[0])}, position {int(bj[1]) - 1}") as err:
+            L.uld_loss(s_bad, t, b["student_input_ids"], **kw)
+        assert err.value.row == int(bj[0]) * s.shape[1] + int(bj[1]) - 1
+        with ops.force_backend(backend), pytest.raises(
+                NonFiniteLogitsError, match=f"teacher logits at batch {int(tj[0])}, position {int(tj[1]) - 1}"):
+            L.uld_loss(s, t_bad, b["student_input_ids"], **kw)

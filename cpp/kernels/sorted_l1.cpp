@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "errors.h"
+#include "kernels/common.h"
+#include "kernels/row_kernels.h"
 #include "kernels/threads.h"
 #include "projection_kernels.h"
 
@@ -47,6 +49,7 @@ struct SortScratch {
   std::vector<std::uint32_t> keys, keys_tmp;
   std::vector<std::int32_t> ids, ids_tmp;
   std::vector<float> teacher_sorted;
+  std::vector<float> e_student, e_teacher;  // the logits form: each row's exp(x/T - max/T)
 };
 
 // Stable LSD radix sort of keys[0, n) (with ids when `with_ids`), in place via the scratch buffers.
@@ -118,6 +121,59 @@ double top_sorted(SortScratch& s, const float* x, std::int64_t n, std::int64_t m
 }  // namespace
 }  // namespace detail
 
+namespace detail {
+namespace {
+
+void size_scratch(SortScratch& s, std::int64_t vs, std::int64_t vt) {
+  const std::int64_t width = std::max(vs, vt);
+  if (static_cast<std::int64_t>(s.keys.size()) < width) {
+    s.keys.resize(width);
+    s.keys_tmp.resize(width);
+    s.teacher_sorted.resize(width);
+  }
+  if (static_cast<std::int64_t>(s.ids.size()) < vs) {
+    s.ids.resize(vs);
+    s.ids_tmp.resize(vs);
+  }
+}
+
+// One pair: student values p[0, vs) x ps and teacher values t[0, vt) x pt (ps, pt: the rows'
+// normalisers, 1 for probabilities); returns the distance and writes the sign of each student entry.
+double pair_distance(SortScratch& s, const float* p, double ps, std::int64_t vs, const float* t, double pt,
+                     std::int64_t vt, float* g) {
+  // Only the m = min(V_s, V_t) largest of each side pair with each other; the wider side's other
+  // entries pair with the padding zeros (their sum, and for the student a sign of +1 where > 0).
+  const std::int64_t m = std::min(vs, vt);
+  double d = top_sorted(s, t, vt, m, false) * pt;
+  float* t_sorted = s.teacher_sorted.data();
+  for (std::int64_t i = 0; i < m; ++i) t_sorted[i] = value_of_key(s.keys[i]);
+  if (vs > m) {
+    for (std::int64_t j = 0; j < vs; ++j) g[j] = p[j] > 0.0f ? 1.0f : 0.0f;
+  }
+  d += top_sorted(s, p, vs, m, true) * ps;
+  for (std::int64_t i = 0; i < m; ++i) {
+    const double a = static_cast<double>(value_of_key(s.keys[i])) * ps;
+    const double b = static_cast<double>(t_sorted[i]) * pt;
+    d += std::fabs(a - b);
+    g[s.ids[i]] = a > b ? 1.0f : (a < b ? -1.0f : 0.0f);
+  }
+  return d;
+}
+
+// e[i] = exp((x[i] - max) / T) of logits row r (its first V columns), by the row primitives; returns
+// the sum in double, or NaN when the row holds NaN or +inf or only -inf.
+double exp_row(const RowKernels<float>& k, const Logits& x, std::int64_t r, float* e) {
+  const char* row = row_ptr(x, r);
+  RowStats<float> st;
+  k.stats(row, x.vocab_size, 1.0f, &st);
+  if (st.nan || !std::isfinite(st.max)) return std::nan("");
+  const float scale = static_cast<float>(1.0 / x.temperature);
+  return k.exp_store(row, x.vocab_size, scale, st.max, 0.0f, e);
+}
+
+}  // namespace
+}  // namespace detail
+
 void sorted_l1_distance(const float* student, std::int64_t n_rows, std::int64_t vs, const float* teacher,
                         std::int64_t vt, double* distance, float* sign, int n_threads) {
   using namespace detail;
@@ -140,36 +196,46 @@ void sorted_l1_distance(const float* student, std::int64_t n_rows, std::int64_t 
   std::vector<SortScratch> scratch(static_cast<std::size_t>(std::max(threads, 1)));
   parallel_for(n_rows, threads, [&](std::int64_t r, int tid) {
     SortScratch& s = scratch[static_cast<std::size_t>(tid)];
-    const std::int64_t width = std::max(vs, vt);
-    if (static_cast<std::int64_t>(s.keys.size()) < width) {
-      s.keys.resize(width);
-      s.keys_tmp.resize(width);
-      s.teacher_sorted.resize(width);
+    size_scratch(s, vs, vt);
+    distance[r] = pair_distance(s, student + r * vs, 1.0, vs, teacher + r * vt, 1.0, vt, sign + r * vs);
+  });
+}
+
+void sorted_l1_logits(const Logits& student, const std::int64_t* s_rows, const Logits& teacher,
+                      const std::int64_t* t_rows, std::int64_t n_pairs, double* distance, float* sign, float* probs,
+                      std::uint8_t* bad, int n_threads) {
+  using namespace detail;
+  const std::int64_t vs = student.vocab_size, vt = teacher.vocab_size;
+  if (vs < 1 || vt < 1) throw InputError("sorted_l1_logits: both vocabularies need at least one token");
+  if (vs > INT32_MAX) throw InputError("sorted_l1_logits: the student vocabulary is wider than 2^31 - 1");
+  for (std::int64_t i = 0; i < n_pairs; ++i) {
+    if (s_rows[i] < 0 || s_rows[i] >= student.n_rows || t_rows[i] < 0 || t_rows[i] >= teacher.n_rows) {
+      throw InputError("sorted_l1_logits: pair " + std::to_string(i) + " names a row outside the logits");
     }
-    if (static_cast<std::int64_t>(s.ids.size()) < vs) {
-      s.ids.resize(vs);
-      s.ids_tmp.resize(vs);
+  }
+  const RowKernels<float> ks = row_kernels<float>(student.type);
+  const RowKernels<float> kt = row_kernels<float>(teacher.type);
+  const int threads = static_cast<int>(std::max<std::int64_t>(
+      1, std::min<std::int64_t>(n_threads, n_pairs * (vs + vt) / kMinParallelWork)));
+  std::vector<SortScratch> scratch(static_cast<std::size_t>(std::max(threads, 1)));
+  parallel_for(n_pairs, threads, [&](std::int64_t q, int tid) {
+    SortScratch& s = scratch[static_cast<std::size_t>(tid)];
+    size_scratch(s, vs, vt);
+    s.e_student.resize(static_cast<std::size_t>(vs));
+    s.e_teacher.resize(static_cast<std::size_t>(vt));
+    const double zs = exp_row(ks, student, s_rows[q], s.e_student.data());
+    const double zt = exp_row(kt, teacher, t_rows[q], s.e_teacher.data());
+    bad[q] = std::isnan(zs) ? 1 : (std::isnan(zt) ? 2 : 0);
+    float* pr = probs + q * vs;
+    if (bad[q]) {
+      distance[q] = std::nan("");
+      std::fill(sign + q * vs, sign + (q + 1) * vs, 0.0f);
+      std::fill(pr, pr + vs, 0.0f);
+      return;
     }
-    // Only the m = min(V_s, V_t) largest of each side pair with each other; the wider side's other
-    // entries pair with the padding zeros (their sum, and for the student a sign of +1 where > 0).
-    const std::int64_t m = std::min(vs, vt);
-    const float* t = teacher + r * vt;
-    double d = top_sorted(s, t, vt, m, false);
-    float* t_sorted = s.teacher_sorted.data();
-    for (std::int64_t i = 0; i < m; ++i) t_sorted[i] = value_of_key(s.keys[i]);
-    const float* p = student + r * vs;
-    float* g = sign + r * vs;
-    if (vs > m) {
-      for (std::int64_t j = 0; j < vs; ++j) g[j] = p[j] > 0.0f ? 1.0f : 0.0f;
-    }
-    d += top_sorted(s, p, vs, m, true);
-    for (std::int64_t i = 0; i < m; ++i) {
-      const float a = value_of_key(s.keys[i]);
-      const float b = t_sorted[i];
-      d += std::fabs(static_cast<double>(a) - static_cast<double>(b));
-      g[s.ids[i]] = a > b ? 1.0f : (a < b ? -1.0f : 0.0f);
-    }
-    distance[r] = d;
+    const float* e = s.e_student.data();
+    for (std::int64_t j = 0; j < vs; ++j) pr[j] = static_cast<float>(e[j] / zs);
+    distance[q] = pair_distance(s, e, 1.0 / zs, vs, s.e_teacher.data(), 1.0 / zt, vt, sign + q * vs);
   });
 }
 

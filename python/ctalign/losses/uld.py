@@ -202,6 +202,36 @@ def _compiled_topk_distances(su: _Setup, student_side, s_rows, s_length, teacher
     return _uld_distance(ps, tail_s, pt.to(dev), tail_t.to(dev))
 
 
+def _compiled_exact_applies(su: _Setup, Vs: int, student_side, teacher_logits) -> bool:
+    """CPU, exact (dense teacher, no top k): the compiled sorted distance straight from both logits."""
+    ops = _ops()
+    return (not su.sparse_teacher and (su.top_k is None or su.top_k >= max(Vs, su.Vt))
+            and ops.uses_compiled_kernels(student_side) and ops.uses_compiled_kernels(teacher_logits)
+            and student_side.dtype != torch.float64 and teacher_logits.dtype != torch.float64)
+
+
+def _compiled_exact_distances(su: _Setup, student_side, s_rows, s_length, teacher_logits, t_flat, Vs, chunk_size: int):
+    """Exact distances of the pairs whose student rows are ``s_rows`` of ``student_side`` (logits [B, L, W]
+    or [N, W]): softmaxes, sorts and L1 in one compiled pass per pair, no gathered rows."""
+    from ctalign.errors import NonFiniteLogitsError
+    from ctalign.ops._autograd import _SortedL1Logits
+    xs = student_side.reshape(-1, student_side.shape[-1])
+    xt = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    out = []
+    for lo in range(0, s_rows.numel(), chunk_size):
+        sr, tr = s_rows[lo:lo + chunk_size], t_flat[lo:lo + chunk_size]
+        d, bad = _SortedL1Logits.apply(xs, sr, Vs, su.temp_s, xt, tr, su.Vt, su.temp_t)
+        if bool(bad.any()):
+            q = int(bad.nonzero()[0])
+            side, row, length = ("student", int(sr[q]), s_length) if int(bad[q]) == 1 else ("teacher", int(tr[q]), su.Lt)
+            b, j = divmod(row, length)
+            raise NonFiniteLogitsError(f"uld_loss: {side} logits at batch {b}, position {j} hold NaN or +inf, only "
+                                       f"-inf, or overflow at temperature {su.temp_s if side == 'student' else su.temp_t}",
+                                       row)
+        out.append(d)
+    return torch.cat(out)
+
+
 def _row_distances(su: _Setup, xs, rows, Vs, s_where, t_where, Ls, dev):
     """Distances of paired rows: student logits ``xs`` [n, Vs] and the teacher's ``rows`` (dense or TopK);
     ``s_where`` / ``t_where``: their (batch, position) for errors."""
@@ -243,9 +273,11 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
     their totals (a lower bound of it, by the triangle inequality); exact when k covers both
     vocabularies. A sparse teacher (``TopK`` rows, ``[B, Lt, k]``) is used as given.
 
-    Exact (``top_k=None``, dense teacher rows): on CPU the sorted distance is
-    :func:`ctalign.ops.sorted_l1_distance`, compiled radix sorts of both rows (once-differentiable;
-    ``ops.force_backend("reference")`` sorts with ``torch.sort``). On CPU with ``top_k`` below both
+    Exact (``top_k=None``, dense teacher rows): on CPU one compiled pass per pair from both logits rows
+    in place (the softmaxes, radix sorts of both rows and the L1; the kernel of
+    :func:`ctalign.ops.sorted_l1_distance`), once-differentiable; ``ops.force_backend("reference")``
+    sorts with ``torch.sort``. Its softmax's exponentials are the kernels' vector exp: values agree with
+    the torch path to about 1e-6, and near-tied ranks may take the other subgradient. On CPU with ``top_k`` below both
     vocabularies, the top k of dense rows comes from
     :func:`ctalign.ops.topk_logprobs` on the paired rows in place (one compiled pass per row, no
     softmax, no gathered row copies; its backward is once-differentiable: ``ops.force_backend
@@ -307,6 +339,9 @@ def uld_loss(student_logits: torch.Tensor, teacher_logits, student_ids, *, align
         if _compiled_topk_applies(su, Vs, student_logits, teacher_logits):
             d = _compiled_topk_distances(su, student_logits, sb * Ls + (sj - 1), Ls, teacher_logits, t_rows,
                                          t_flat_idx, Vs, dev)
+        elif _compiled_exact_applies(su, Vs, student_logits, teacher_logits):
+            d = _compiled_exact_distances(su, student_logits, sb * Ls + (sj - 1), Ls, teacher_logits, t_flat_idx, Vs,
+                                          chunk_size)
         else:
             d = torch.cat([_row_distances(su, student_logits[sb[lo:lo + chunk_size], sj[lo:lo + chunk_size] - 1, :Vs],
                                           _select_rows(t_rows, t_flat_idx[lo:lo + chunk_size]), Vs,

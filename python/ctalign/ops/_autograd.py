@@ -153,3 +153,26 @@ class _SortedL1(torch.autograd.Function):
     def backward(ctx, grad):
         (sign,) = ctx.saved_tensors
         return grad[:, None] * sign, None
+
+
+class _SortedL1Logits(torch.autograd.Function):
+    """sorted_l1_logits with the softmax's backward: for pair q on student row r,
+    d distance / d x[r, j] = p_j (sign_j - sum_i p_i sign_i) / T (repeated rows add up)."""
+
+    @staticmethod
+    def forward(ctx, student, student_rows, vs, ts, teacher, teacher_rows, vt, tt):
+        d, sign, probs, bad = _cpu_backend.sorted_l1_logits(student, student_rows, vs, ts, teacher, teacher_rows, vt, tt)
+        ctx.save_for_backward(student_rows, sign, probs)
+        ctx.args = (student.shape, ts)
+        ctx.mark_non_differentiable(bad)
+        return d.to(torch.float32), bad
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad, _grad_bad):
+        rows, sign, probs = ctx.saved_tensors
+        shape, ts = ctx.args
+        g = probs * (sign - (probs * sign).sum(-1, keepdim=True)) * (grad.to(probs.dtype)[:, None] / ts)
+        out = torch.zeros(shape, dtype=torch.float32)
+        out[:, : g.shape[1]].index_add_(0, rows, g)
+        return out, None, None, None, None, None, None, None

@@ -26,7 +26,7 @@ __all__ = [
     "available", "full_output", "grouped_logmass", "grouped_logmass_backward", "range_logmass", "range_logmass_backward",
     "topk_grouped_logmass", "topk_grouped_sparse", "topk_logprobs", "topk_logprobs_backward", "topk_trie_sparse",
     "topk_cover_sparse", "trie_conditional_logprobs", "trie_conditional_logprobs_backward", "num_threads",
-    "set_num_threads", "kernel_isa", "set_kernel_isa", "sorted_l1_distance",
+    "set_num_threads", "kernel_isa", "set_kernel_isa", "sorted_l1_distance", "sorted_l1_logits",
 ]
 
 _ELEM_TYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.float64: "f64"}
@@ -218,3 +218,15 @@ def sorted_l1_distance(student: torch.Tensor, teacher: torch.Tensor):
     d, sign = _core.sorted_l1_distance(student.detach().contiguous().numpy(), teacher.detach().contiguous().numpy(),
                                        num_threads())
     return torch.from_numpy(d), torch.from_numpy(sign)
+
+
+def sorted_l1_logits(student, student_rows, vs, ts, teacher, teacher_rows, vt, tt):
+    """sorted_l1_distance of the softmaxes (at ts / tt) of paired rows of two logits tensors [N, W]:
+    (distance float64 [P], sign float32 [P, vs], student probabilities float32 [P, vs], bad uint8 [P]:
+    1 / 2 where the student / teacher row holds NaN, +inf or only -inf)."""
+    xs, s_type = _logits_view(student)
+    xt, t_type = _logits_view(teacher)
+    d, sign, probs, bad = _core.sorted_l1_logits(xs, s_type, int(vs), _np(student_rows, torch.int64), float(ts), xt,
+                                                 t_type, int(vt), _np(teacher_rows, torch.int64), float(tt),
+                                                 num_threads())
+    return torch.from_numpy(d), torch.from_numpy(sign), torch.from_numpy(probs), torch.from_numpy(bad)
