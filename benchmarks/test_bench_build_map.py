@@ -31,3 +31,19 @@ def test_build_map(benchmark, workspace, teacher, student):
     benchmark.group = "build_map"
     amap = benchmark.pedantic(build_map, args=(vt, vs), rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update({"V_teacher": len(vt), "V_student": len(vs), "regime": str(amap.regime)})
+
+
+@pytest.mark.parametrize("step", ["from_ranks", "encode_many"])
+def test_merge_table_qwen(benchmark, workspace, step):
+    """The compiled BPE of Qwen's 151,643 ranks: recovering its merges from the ranks, and encoding every
+    token's bytes with it (was a timed test in tests/test_merge_table.py)."""
+    from ctalign import _core
+
+    v = workspace.vocab("qwen")
+    table, priority = v.table, v.priority()
+    benchmark.group = "merge table (qwen)"
+    if step == "from_ranks":
+        benchmark.pedantic(_core.MergeTable.from_ranks, args=(table, priority), rounds=3, iterations=1)
+    else:
+        mt = _core.MergeTable.from_ranks(table, priority)
+        benchmark.pedantic(mt.encode_many, args=(table.offsets, table.data), rounds=3, iterations=1)
