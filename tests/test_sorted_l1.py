@@ -105,3 +105,25 @@ def test_exact_uld_names_a_bad_row_by_side_and_position(load_test_vocab):
         with ops.force_backend(backend), pytest.raises(
                 NonFiniteLogitsError, match=f"teacher logits at batch {int(tj[0])}, position {int(tj[1]) - 1}"):
             L.uld_loss(s, t_bad, b["student_input_ids"], **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_logits_form_equals_softmax_then_sort(dtype):
+    """The kernel's logits form (rows by index, padded widths, each side's temperature, a repeated student
+    row) against softmax + reference.sorted_l1_distance: value and gradient, in the logits' dtype."""
+    from ctalign.ops._autograd import _SortedL1Logits
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 300, generator=g) * 2).to(dtype).requires_grad_()
+    t = torch.randn(5, 700, generator=g) * 2
+    sr, tr = torch.tensor([0, 2, 5, 2]), torch.tensor([1, 1, 4, 0])
+    d, bad = _SortedL1Logits.apply(x, sr, 290, 1.3, t, tr, 690, 0.7)
+    assert not bad.any()
+    (d * torch.arange(1.0, 5.0)).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    want = reference.sorted_l1_distance(torch.softmax(x64[sr, :290] / 1.3, -1), torch.softmax(t[tr, :690].double() / 0.7, -1))
+    (want * torch.arange(1.0, 5.0, dtype=torch.float64)).sum().backward()
+    assert x.grad.dtype == dtype
+    assert torch.allclose(d.double(), want, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    assert torch.allclose(x.grad.double(), x64.grad, atol=tol)
+    assert (x.grad[:, 290:] == 0).all() and (x.grad[[1, 3, 4]] == 0).all()

@@ -163,7 +163,7 @@ class _SortedL1Logits(torch.autograd.Function):
     def forward(ctx, student, student_rows, vs, ts, teacher, teacher_rows, vt, tt):
         d, sign, probs, bad = _cpu_backend.sorted_l1_logits(student, student_rows, vs, ts, teacher, teacher_rows, vt, tt)
         ctx.save_for_backward(student_rows, sign, probs)
-        ctx.args = (student.shape, ts)
+        ctx.args = (student.shape, student.dtype, ts)
         ctx.mark_non_differentiable(bad)
         return d.to(torch.float32), bad
 
@@ -171,8 +171,8 @@ class _SortedL1Logits(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_bad):
         rows, sign, probs = ctx.saved_tensors
-        shape, ts = ctx.args
+        shape, dtype, ts = ctx.args
         g = probs * (sign - (probs * sign).sum(-1, keepdim=True)) * (grad.to(probs.dtype)[:, None] / ts)
         out = torch.zeros(shape, dtype=torch.float32)
         out[:, : g.shape[1]].index_add_(0, rows, g)
-        return out, None, None, None, None, None, None, None
+        return out.to(dtype), None, None, None, None, None, None, None
