@@ -126,11 +126,13 @@ def _shifted_ce(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int, target
     if L < 2:
         return out + logits.sum() * 0.0
     _check_target_ids(ids, vocab_size, target)
-    x = logits[:, :-1, :vocab_size].float()
-    tgt = ids[:, 1:].clamp(0, vocab_size - 1)
-    ce = F.cross_entropy(x.reshape(-1, vocab_size), tgt.reshape(-1), reduction="none").view(B, L - 1)
-    ce = torch.where(target[:, 1:], ce, ce.new_zeros(()))
-    return torch.cat([out[:, :1], ce], 1)
+    # every row j scores ids[j + 1] (the last row and non-targets: ignored), over the logits as they are:
+    # no [B, L - 1, V] copy of them (nor of their gradient) when the logits are float32 and unpadded
+    x = logits[..., :vocab_size].float()
+    tgt = torch.full((B, L), -100, dtype=torch.long, device=logits.device)
+    tgt[:, :-1] = torch.where(target[:, 1:], ids[:, 1:].long(), tgt.new_full((), -100))
+    ce = F.cross_entropy(x.reshape(-1, vocab_size), tgt.reshape(-1), ignore_index=-100, reduction="none").view(B, L)
+    return torch.cat([out[:, :1], ce[:, :-1]], 1)
 
 
 def cross_entropy(logits: torch.Tensor, ids, *, mask=None, lengths=None, vocab_size: int | None = None,

@@ -230,7 +230,8 @@ class _TargetPlan:
                 lp.scatter_(1, rows.indices.long(), rows.logprobs.to(self.dtype))
                 lp = torch.log_softmax(lp / temperature, -1)
             else:
-                lp = torch.log_softmax(rows[:, :Vt].to(self.dtype) / temperature, -1)
+                lp = rows[:, :Vt].to(self.dtype)
+                lp = torch.log_softmax(lp if temperature == 1.0 else lp / temperature, -1)
             # identical regime = equal fingerprints: the same id -> bytes table, specials included, so
             # the student's distribution is the teacher's, id for id (the end column stays empty).
             out[:, :Vs] = lp[:, :Vs]
@@ -367,7 +368,8 @@ def likelihood_distillation_loss(student_logits: torch.Tensor, teacher_logits, s
             good = torch.isfinite(t).any(-1)
             qb, qj, t = qb[good], qj[good], t[good]
             t = t - torch.logsumexp(t, -1, keepdim=True)
-            s = torch.log_softmax(student_logits[qb, qj - 1, :Vs].float() / temperature, -1)
+            x = student_logits[qb, qj - 1, :Vs].float()
+            s = torch.log_softmax(x if temperature == 1.0 else x / temperature, -1)
             return qb, qj, _kl_rows(t, s, top_k)
 
         parts = []
