@@ -8,7 +8,10 @@
 // m = min(V_s, V_t) largest of the wider side pair with the other side's values (the rest pair with
 // the padding zeros), so that side is first cut to the buckets of its top key digit that hold its m
 // largest (one histogram pass). Per thread: two uint32 key buffers and a float buffer of
-// max(V_s, V_t), two id buffers of V_s (reused from row to row). The sum is accumulated in double. A pure-torch reference: ctalign.ops.reference.sorted_l1_distance.
+// max(V_s, V_t), two id buffers of V_s (reused from row to row). The sum is accumulated in double.
+// The logits form (sorted_l1_logits) first writes each row's exp((x - max) / T) (the row primitives'
+// vector exp) and sorts those, with the rows' sums as normalisers. A pure-torch reference:
+// ctalign.ops.reference.sorted_l1_distance.
 #include <algorithm>
 #include <array>
 #include <climits>

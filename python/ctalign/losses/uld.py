@@ -223,11 +223,13 @@ def _compiled_exact_distances(su: _Setup, student_side, s_rows, s_length, teache
         d, bad = _SortedL1Logits.apply(xs, sr, Vs, su.temp_s, xt, tr, su.Vt, su.temp_t)
         if bool(bad.any()):
             q = int(bad.nonzero()[0])
-            side, row, length = ("student", int(sr[q]), s_length) if int(bad[q]) == 1 else ("teacher", int(tr[q]), su.Lt)
+            if int(bad[q]) == 1:
+                side, row, length, temp = "student", int(sr[q]), s_length, su.temp_s
+            else:
+                side, row, length, temp = "teacher", int(tr[q]), su.Lt, su.temp_t
             b, j = divmod(row, length)
             raise NonFiniteLogitsError(f"uld_loss: {side} logits at batch {b}, position {j} hold NaN or +inf, only "
-                                       f"-inf, or overflow at temperature {su.temp_s if side == 'student' else su.temp_t}",
-                                       row)
+                                       f"-inf, or overflow at temperature {temp}", row)
         out.append(d)
     return torch.cat(out)
 

@@ -161,7 +161,8 @@ class _SortedL1Logits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, student_rows, vs, ts, teacher, teacher_rows, vt, tt):
-        d, sign, probs, bad = _cpu_backend.sorted_l1_logits(student, student_rows, vs, ts, teacher, teacher_rows, vt, tt)
+        d, sign, probs, bad = _cpu_backend.sorted_l1_logits(student, student_rows, vs, ts, teacher, teacher_rows, vt,
+                                                            tt)
         ctx.save_for_backward(student_rows, sign, probs)
         ctx.args = (student.shape, student.dtype, ts)
         ctx.mark_non_differentiable(bad)
