@@ -95,23 +95,32 @@ def test_a_live_teacher_trains_as_its_cache_at_the_same_k(tmp_path, smollm2, cor
     assert runs["live"] == pytest.approx(runs["cache"], rel=1e-4)
 
 
-def test_dense_teacher_rows_enter_every_loss_as_their_top_k(load_test_vocab):
-    """The objective turns a live teacher's dense logits into the TopK rows a cache at the same k would
-    hold (ALM aside: it reads the teacher's own-token log-probs)."""
+def _objective_case(load_test_vocab, seed: int, teacher_scale: float = 1.0):
+    """llama3 -> mistral-v1: (student vocab, map, batch of two texts, random teacher and student logits)."""
     from ctalign import build_map
     from ctalign.data import DistillationCollator
-    from ctalign.ops import topk_logprobs
-    from ctalign.train.objectives import LOSSES, Objective, TeacherBatch
-
     tv, sv = load_test_vocab("llama3"), load_test_vocab("mistral-v1")
     amap = build_map(tv, sv)
     b = DistillationCollator(amap, max_length=40)(["The quick brown fox jumps over the lazy dog.", "To be or not."])
-    g = torch.Generator().manual_seed(0)
-    t_logits = 4 * torch.randn(*b["teacher_input_ids"].shape, len(tv), generator=g)
+    g = torch.Generator().manual_seed(seed)
+    t_logits = teacher_scale * torch.randn(*b["teacher_input_ids"].shape, len(tv), generator=g)
     s_logits = torch.randn(*b["student_input_ids"].shape, len(sv), generator=g)
-    dense = TeacherBatch(t_logits, b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"], amap=amap, vocab=tv)
-    top = TeacherBatch(topk_logprobs(t_logits, 16), b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"],
-                       amap=amap, vocab=tv)
+    return tv, sv, amap, b, t_logits, s_logits
+
+
+def _teacher_batch(rows, b, amap, tv):
+    from ctalign.train.objectives import TeacherBatch
+    return TeacherBatch(rows, b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"], amap=amap, vocab=tv)
+
+
+def test_dense_teacher_rows_enter_every_loss_as_their_top_k(load_test_vocab):
+    """The objective turns a live teacher's dense logits into the TopK rows a cache at the same k would
+    hold (ALM aside: it reads the teacher's own-token log-probs)."""
+    from ctalign.ops import topk_logprobs
+    from ctalign.train.objectives import LOSSES, Objective
+
+    tv, sv, amap, b, t_logits, s_logits = _objective_case(load_test_vocab, 0, teacher_scale=4.0)
+    dense, top = _teacher_batch(t_logits, b, amap, tv), _teacher_batch(topk_logprobs(t_logits, 16), b, amap, tv)
     for loss in set(LOSSES) - {"sft", "alm", "bld"}:
         obj = Objective(loss, sv, top_k=16)
         args = (s_logits, None, b["student_input_ids"], b["student_loss_mask"])
@@ -120,18 +129,11 @@ def test_dense_teacher_rows_enter_every_loss_as_their_top_k(load_test_vocab):
 
 def test_ce_weight_adds_that_much_cross_entropy_to_every_loss(load_test_vocab):
     """--ce-weight W: every loss is its distillation term plus W x the student's cross-entropy."""
-    from ctalign import build_map
     from ctalign import losses as L
-    from ctalign.data import DistillationCollator
-    from ctalign.train.objectives import LOSSES, Objective, TeacherBatch
+    from ctalign.train.objectives import LOSSES, Objective
 
-    tv, sv = load_test_vocab("llama3"), load_test_vocab("mistral-v1")
-    amap = build_map(tv, sv)
-    b = DistillationCollator(amap, max_length=40)(["The quick brown fox jumps over the lazy dog.", "To be or not."])
-    g = torch.Generator().manual_seed(1)
-    t_logits = 3 * torch.randn(*b["teacher_input_ids"].shape, len(tv), generator=g)
-    s_logits = torch.randn(*b["student_input_ids"].shape, len(sv), generator=g)
-    tb = TeacherBatch(t_logits, b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"], amap=amap, vocab=tv)
+    tv, sv, amap, b, t_logits, s_logits = _objective_case(load_test_vocab, 1, teacher_scale=3.0)
+    tb = _teacher_batch(t_logits, b, amap, tv)
     args = (s_logits, None, b["student_input_ids"], b["student_loss_mask"], [(1.0, tb)])
     ce = L.cross_entropy(s_logits, b["student_input_ids"], mask=b["student_loss_mask"], vocab_size=len(sv))
     for loss in set(LOSSES) - {"sft", "bld"}:
@@ -145,17 +147,10 @@ def test_ce_weight_adds_that_much_cross_entropy_to_every_loss(load_test_vocab):
 def test_two_copies_of_a_teacher_give_that_teachers_loss(load_test_vocab):
     """Mixing teachers is mixing their losses (targets, for the KL losses): two halves of one teacher
     are that teacher."""
-    from ctalign import build_map
-    from ctalign.data import DistillationCollator
-    from ctalign.train.objectives import Objective, TeacherBatch
+    from ctalign.train.objectives import Objective
 
-    tv, sv = load_test_vocab("llama3"), load_test_vocab("mistral-v1")
-    amap = build_map(tv, sv)
-    b = DistillationCollator(amap, max_length=40)(["The quick brown fox jumps over the lazy dog.", "To be or not."])
-    g = torch.Generator().manual_seed(0)
-    t_logits = torch.randn(*b["teacher_input_ids"].shape, len(tv), generator=g)
-    s_logits = torch.randn(*b["student_input_ids"].shape, len(sv), generator=g)
-    tb = TeacherBatch(t_logits, b["teacher_input_ids"], b["teacher_loss_mask"], b["alignment"], amap=amap, vocab=tv)
+    tv, sv, amap, b, t_logits, s_logits = _objective_case(load_test_vocab, 0)
+    tb = _teacher_batch(t_logits, b, amap, tv)
     for loss in ("likelihood", "uld", "alm", "bpm", "escd", "strict_kd"):
         obj = Objective(loss, sv)
         one = obj(s_logits, None, b["student_input_ids"], b["student_loss_mask"], [(1.0, tb)])
