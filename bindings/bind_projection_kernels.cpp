@@ -462,23 +462,22 @@ py::tuple sorted_l1_of_logits(const py::handle& student_obj, const std::string& 
   if (s_rows.shape(0) != t_rows.shape(0)) throw py::value_error("student rows and teacher rows: one of each per pair");
   const std::int64_t n = s_rows.shape(0);
   py::array_t<double> distance(static_cast<py::ssize_t>(n));
-  py::array_t<float> sign({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(vs)});
-  py::array_t<float> probs({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(vs)});
+  py::array_t<float> grad({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(vs)});
   py::array_t<std::uint8_t> bad(static_cast<py::ssize_t>(n));
   {
     py::gil_scoped_release release;
     kernels::sorted_l1_logits(s.view, s_rows.data(), t.view, t_rows.data(), n, distance.mutable_data(),
-                              sign.mutable_data(), probs.mutable_data(), bad.mutable_data(), n_threads);
+                              grad.mutable_data(), bad.mutable_data(), n_threads);
   }
-  return py::make_tuple(distance, sign, probs, bad);
+  return py::make_tuple(distance, grad, bad);
 }
 
 void bind_projection_kernels(py::module_& m) {
   m.def("sorted_l1_logits", &sorted_l1_of_logits, py::arg("student"), py::arg("student_type"), py::arg("vs"),
         py::arg("student_rows"), py::arg("student_temperature"), py::arg("teacher"), py::arg("teacher_type"),
         py::arg("vt"), py::arg("teacher_rows"), py::arg("teacher_temperature"), py::arg("n_threads"),
-        "(distance float64 [P], sign float32 [P, V_s], student probabilities float32 [P, V_s], bad uint8 [P]): "
-        "sorted_l1_distance of the softmaxes of the paired logits rows (bad: 1 student, 2 teacher row not finite).");
+        "(distance float64 [P], grad float32 [P, V_s], bad uint8 [P]): sorted_l1_distance of the softmaxes of the "
+        "paired logits rows, its gradient in the student logits times T (bad: 1 student, 2 teacher row not finite).");
   m.def("sorted_l1_distance", &sorted_l1, py::arg("student"), py::arg("teacher"), py::arg("n_threads"),
         "(distance float64 [N], sign float32 [N, V_s]): ULD's exact distance between the rows' probabilities "
         "sorted in decreasing order (the shorter padded with zeros), and its gradient in each student entry.");

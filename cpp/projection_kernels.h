@@ -226,11 +226,12 @@ void write_sparse_rows(SparseCover& rows, std::int64_t* ids, Out* out);
 void sorted_l1_distance(const float* student, std::int64_t n_rows, std::int64_t vs, const float* teacher,
                         std::int64_t vt, double* distance, float* sign, int n_threads);
 // The same from logits, the softmax at each side's temperature fused: pair q takes student row
-// s_rows[q] and teacher row t_rows[q] (their first vocab_size columns); writes distance[q], sign[q, :vs]
-// and the student's probabilities probs[q, :vs] (the backward's softmax), or bad[q] = 1 (student) / 2
-// (teacher) for a row with NaN, +inf or only -inf (distance NaN).
+// s_rows[q] and teacher row t_rows[q] (their first vocab_size columns); writes distance[q] and
+// grad[q, :vs] = p_j (sign_j - sum_i p_i sign_i), the distance's gradient in the student's logits times
+// its temperature, or bad[q] = 1 (student) / 2 (teacher) for a row with NaN, +inf or only -inf
+// (distance NaN, grad 0).
 void sorted_l1_logits(const Logits& student, const std::int64_t* s_rows, const Logits& teacher,
-                      const std::int64_t* t_rows, std::int64_t n_pairs, double* distance, float* sign, float* probs,
+                      const std::int64_t* t_rows, std::int64_t n_pairs, double* distance, float* grad,
                       std::uint8_t* bad, int n_threads);
 
 // Instruction set of the float kernels, picked once from cpuid (the best the CPU runs); tests and

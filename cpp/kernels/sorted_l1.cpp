@@ -205,7 +205,7 @@ void sorted_l1_distance(const float* student, std::int64_t n_rows, std::int64_t 
 }
 
 void sorted_l1_logits(const Logits& student, const std::int64_t* s_rows, const Logits& teacher,
-                      const std::int64_t* t_rows, std::int64_t n_pairs, double* distance, float* sign, float* probs,
+                      const std::int64_t* t_rows, std::int64_t n_pairs, double* distance, float* grad,
                       std::uint8_t* bad, int n_threads) {
   using namespace detail;
   const std::int64_t vs = student.vocab_size, vt = teacher.vocab_size;
@@ -229,16 +229,20 @@ void sorted_l1_logits(const Logits& student, const std::int64_t* s_rows, const L
     const double zs = exp_row(ks, student, s_rows[q], s.e_student.data());
     const double zt = exp_row(kt, teacher, t_rows[q], s.e_teacher.data());
     bad[q] = std::isnan(zs) ? 1 : (std::isnan(zt) ? 2 : 0);
-    float* pr = probs + q * vs;
+    float* g = grad + q * vs;
     if (bad[q]) {
       distance[q] = std::nan("");
-      std::fill(sign + q * vs, sign + (q + 1) * vs, 0.0f);
-      std::fill(pr, pr + vs, 0.0f);
+      std::fill(g, g + vs, 0.0f);
       return;
     }
     const float* e = s.e_student.data();
-    for (std::int64_t j = 0; j < vs; ++j) pr[j] = static_cast<float>(e[j] / zs);
-    distance[q] = pair_distance(s, e, 1.0 / zs, vs, s.e_teacher.data(), 1.0 / zt, vt, sign + q * vs);
+    distance[q] = pair_distance(s, e, 1.0 / zs, vs, s.e_teacher.data(), 1.0 / zt, vt, g);
+    // g holds the signs; the gradient in the logits at T = 1 is p_j (sign_j - sum_i p_i sign_i)
+    const float inv = static_cast<float>(1.0 / zs);
+    double dot = 0.0;
+    for (std::int64_t j = 0; j < vs; ++j) dot += static_cast<double>(e[j] * inv) * g[j];
+    const float dotf = static_cast<float>(dot);
+    for (std::int64_t j = 0; j < vs; ++j) g[j] = e[j] * inv * (g[j] - dotf);
   });
 }
 

@@ -156,14 +156,13 @@ class _SortedL1(torch.autograd.Function):
 
 
 class _SortedL1Logits(torch.autograd.Function):
-    """sorted_l1_logits with the softmax's backward: for pair q on student row r,
+    """sorted_l1_logits with the softmax's backward, which the kernel forms: for pair q on student row r,
     d distance / d x[r, j] = p_j (sign_j - sum_i p_i sign_i) / T (repeated rows add up)."""
 
     @staticmethod
     def forward(ctx, student, student_rows, vs, ts, teacher, teacher_rows, vt, tt):
-        d, sign, probs, bad = _cpu_backend.sorted_l1_logits(student, student_rows, vs, ts, teacher, teacher_rows, vt,
-                                                            tt)
-        ctx.save_for_backward(student_rows, sign, probs)
+        d, unit, bad = _cpu_backend.sorted_l1_logits(student, student_rows, vs, ts, teacher, teacher_rows, vt, tt)
+        ctx.save_for_backward(student_rows, unit)
         ctx.args = (student.shape, student.dtype, ts)
         ctx.mark_non_differentiable(bad)
         return d.to(torch.float32), bad
@@ -171,9 +170,8 @@ class _SortedL1Logits(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad, _grad_bad):
-        rows, sign, probs = ctx.saved_tensors
+        rows, unit = ctx.saved_tensors
         shape, dtype, ts = ctx.args
-        g = probs * (sign - (probs * sign).sum(-1, keepdim=True)) * (grad.to(probs.dtype)[:, None] / ts)
         out = torch.zeros(shape, dtype=torch.float32)
-        out[:, : g.shape[1]].index_add_(0, rows, g)
+        out[:, : unit.shape[1]].index_add_(0, rows, unit * (grad.to(unit.dtype)[:, None] / ts))
         return out.to(dtype), None, None, None, None, None, None, None

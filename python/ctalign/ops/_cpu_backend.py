@@ -222,11 +222,10 @@ def sorted_l1_distance(student: torch.Tensor, teacher: torch.Tensor):
 
 def sorted_l1_logits(student, student_rows, vs, ts, teacher, teacher_rows, vt, tt):
     """sorted_l1_distance of the softmaxes (at ts / tt) of paired rows of two logits tensors [N, W]:
-    (distance float64 [P], sign float32 [P, vs], student probabilities float32 [P, vs], bad uint8 [P]:
-    1 / 2 where the student / teacher row holds NaN, +inf or only -inf)."""
+    (distance float64 [P], grad float32 [P, vs]: the distance's gradient in the student row times ts,
+    bad uint8 [P]: 1 / 2 where the student / teacher row holds NaN, +inf or only -inf)."""
     xs, s_type = _logits_view(student)
     xt, t_type = _logits_view(teacher)
-    d, sign, probs, bad = _core.sorted_l1_logits(xs, s_type, int(vs), _np(student_rows, torch.int64), float(ts), xt,
-                                                 t_type, int(vt), _np(teacher_rows, torch.int64), float(tt),
-                                                 num_threads())
-    return torch.from_numpy(d), torch.from_numpy(sign), torch.from_numpy(probs), torch.from_numpy(bad)
+    d, grad, bad = _core.sorted_l1_logits(xs, s_type, int(vs), _np(student_rows, torch.int64), float(ts), xt, t_type,
+                                          int(vt), _np(teacher_rows, torch.int64), float(tt), num_threads())
+    return torch.from_numpy(d), torch.from_numpy(grad), torch.from_numpy(bad)
